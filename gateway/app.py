@@ -1,0 +1,82 @@
+"""The gateway's app factory: settings, database, blob store, engine and runner built per app."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+
+from gateway import errors
+from gateway.routers import admin, credits, health, transcriptions
+from gateway.runners import JobRunner, LocalJobRunner
+from gateway.services import Services
+from transcriber.engines import Engine, build_engine
+from transcriber.pipeline import Pipeline
+from transcription.blobstore import open_blob_store
+from transcription.db.migrate import upgrade
+from transcription.db.session import Database
+from transcription.lifecycle import Lifecycle
+from transcription.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+def build_services(settings: GatewaySettings, engine: Engine | None = None) -> Services:
+    settings.ensure_data_dir()
+    db = Database(settings.resolved_database_url())
+    if settings.migrate_on_start:
+        upgrade(db.engine)
+    blobs = open_blob_store(settings.resolved_blob_url())
+    lc = Lifecycle(db)
+    concurrency = settings.concurrency or 1
+    engine = engine or build_engine(settings, concurrency=concurrency)
+    pipeline = Pipeline(lc, blobs, engine, progress_interval=settings.progress_interval)
+    runner: JobRunner = LocalJobRunner(pipeline, lc, concurrency=concurrency)
+    services = Services(
+        settings=settings,
+        db=db,
+        blobs=blobs,
+        lifecycle=lc,
+        runner=runner,
+        code_key=settings.code_key(),
+        engine_name=engine.name,
+        model_name=engine.model,
+    )
+    services.upload_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return services
+
+
+def create_app(settings: GatewaySettings | None = None, *, engine: Engine | None = None) -> FastAPI:
+    """A gateway app; nothing is built until the app starts (its lifespan)."""
+    settings = settings or GatewaySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings, engine)
+        app.state.services = services
+        services.runner.start()
+        try:
+            yield
+        finally:
+            services.runner.stop()
+            services.db.dispose()
+
+    app = FastAPI(
+        title="Whisper transcription service",
+        version="0.1.0",
+        description="Upload an mp3 with a prepaid credit code; get a transcript back.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    for module in (transcriptions, credits, admin, health):
+        app.include_router(module.router)
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    def index() -> str:
+        return resources.files("gateway").joinpath("static/index.html").read_text()
+
+    return app

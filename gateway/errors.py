@@ -1,0 +1,86 @@
+"""The one place where domain errors become HTTP responses, in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from transcription import errors as e
+
+log = logging.getLogger(__name__)
+
+#: Most specific class first: the first ``isinstance`` match decides the status.
+STATUS: list[tuple[type[e.DomainError], int, str]] = [
+    (e.Unauthenticated, 401, "authentication_error"),
+    (e.AdminRequired, 401, "authentication_error"),
+    (e.AdminDisabled, 403, "permission_error"),
+    (e.CreditError, 402, "insufficient_quota"),
+    (e.NotFound, 404, "not_found_error"),
+    (e.IdempotencyKeyInUse, 409, "conflict_error"),
+    (e.Conflict, 409, "conflict_error"),
+    (e.UploadTooLarge, 413, "invalid_request_error"),
+    (e.UnsupportedMediaType, 415, "invalid_request_error"),
+    (e.InvalidAudio, 422, "invalid_request_error"),
+    (e.IdempotencyKeyReused, 422, "invalid_request_error"),
+    (e.InvalidRequest, 400, "invalid_request_error"),
+]
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def status_for(exc: e.DomainError) -> tuple[int, str]:
+    for cls, status, type_ in STATUS:
+        if isinstance(exc, cls):
+            return status, type_
+    return 500, "server_error"
+
+
+async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, e.DomainError)
+    status, type_ = status_for(exc)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(
+        error_body(exc.message, type_, exc.code, exc.param), status_code=status, headers=headers
+    )
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = ".".join(location) or None
+    message = f"{param}: {first.get('msg', 'invalid value')}" if param else "Invalid request."
+    return JSONResponse(
+        error_body(message, "invalid_request_error", "invalid_request", param), status_code=400
+    )
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        error_body(str(exc.detail), "invalid_request_error", code),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
+async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(
+        error_body("The server hit an unexpected error.", "server_error", "internal_error"),
+        status_code=500,
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(e.DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

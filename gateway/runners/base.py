@@ -1,0 +1,19 @@
+"""The interface the gateway uses to hand jobs to whatever runs them."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class JobRunner(Protocol):
+    """Runs submitted jobs; jobs are durable in the database, the runner only schedules them."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def submit(self, job_id: str) -> None: ...
+
+    def cancel(self, job_id: str) -> None: ...
+
+    def ready(self) -> bool: ...

@@ -1,0 +1,28 @@
+"""Everything the gateway's routes need, built once per app in its lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.runners import JobRunner
+from transcription.blobstore import BlobStore
+from transcription.db.session import Database
+from transcription.lifecycle import Lifecycle
+from transcription.settings import GatewaySettings
+
+
+@dataclass
+class Services:
+    settings: GatewaySettings
+    db: Database
+    blobs: BlobStore
+    lifecycle: Lifecycle
+    runner: JobRunner
+    code_key: bytes
+    engine_name: str
+    model_name: str | None
+
+    @property
+    def upload_dir(self) -> Path:
+        return self.settings.data_dir / "uploads"

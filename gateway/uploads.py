@@ -1,0 +1,172 @@
+"""Streams a multipart upload straight to a named temporary file, hashing and size-capping it.
+
+Starlette's form parser spools files into anonymous temporary files and parses the whole body
+before the handler runs; audio probing needs a real path and oversize uploads should stop early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from transcription.errors import InvalidRequest, UploadTooLarge
+
+MAX_FIELD_BYTES = 64 * 1024
+MAX_FIELDS = 32
+
+
+@dataclass
+class Upload:
+    """The uploaded file on disk plus the form's text fields."""
+
+    path: Path | None = None
+    filename: str | None = None
+    size: int = 0
+    sha256: str = ""
+    fields: dict[str, list[str]] = field(default_factory=dict)
+
+    def field(self, name: str) -> str | None:
+        values = self.fields.get(name)
+        return values[-1] if values else None
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+class _Receiver:
+    """python-multipart callbacks writing the file part to disk and collecting fields."""
+
+    def __init__(self, upload: Upload, tmp_dir: Path, max_bytes: int, file_field: str) -> None:
+        self.upload = upload
+        self.tmp_dir = tmp_dir
+        self.max_bytes = max_bytes
+        self.file_field = file_field
+        self.header_name = b""
+        self.header_value = b""
+        self.disposition = b""
+        self.name = ""
+        self.is_file = False
+        self.sink: IO[bytes] | None = None
+        self.hasher = hashlib.sha256()
+        self.buffer = bytearray()
+        self.fields = 0
+
+    def on_part_begin(self) -> None:
+        self.disposition = b""
+        self.buffer = bytearray()
+        self.is_file = False
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self.header_name.lower() == b"content-disposition":
+            self.disposition = self.header_value
+        self.header_name = b""
+        self.header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.disposition)
+        if b"name" not in options:
+            raise InvalidRequest("Every form part needs a name in its Content-Disposition.")
+        self.name = options[b"name"].decode("utf-8", "replace")
+        self.is_file = self.name == self.file_field and b"filename" in options
+        if self.is_file:
+            if self.upload.path is not None:
+                raise InvalidRequest("Send exactly one file.", param=self.file_field)
+            self.upload.filename = os.path.basename(options[b"filename"].decode("utf-8", "replace"))
+            fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=self.tmp_dir)
+            self.upload.path = Path(name)
+            self.sink = os.fdopen(fd, "wb")
+        else:
+            self.fields += 1
+            if self.fields > MAX_FIELDS:
+                raise InvalidRequest("Too many form fields.")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self.is_file and self.sink is not None:
+            self.upload.size += len(chunk)
+            if self.upload.size > self.max_bytes:
+                raise UploadTooLarge(
+                    f"The file is larger than the {self.max_bytes // (1024 * 1024)} MiB limit.",
+                    param=self.file_field,
+                )
+            self.hasher.update(chunk)
+            self.sink.write(chunk)
+        else:
+            self.buffer.extend(chunk)
+            if len(self.buffer) > MAX_FIELD_BYTES:
+                raise InvalidRequest(f"The form field {self.name!r} is too long.", param=self.name)
+
+    def on_part_end(self) -> None:
+        if self.is_file:
+            self.close()
+        else:
+            value = self.buffer.decode("utf-8", "replace")
+            self.upload.fields.setdefault(self.name, []).append(value)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+            self.upload.sha256 = self.hasher.hexdigest()
+
+
+async def receive_upload(
+    request: Request, *, tmp_dir: Path, max_bytes: int, file_field: str = "file"
+) -> Upload:
+    """Parse a multipart/form-data body; the caller must ``discard()`` the upload when done."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data" or b"boundary" not in params:
+        raise InvalidRequest(
+            "Send the audio as multipart/form-data with the file in the 'file' field.",
+            param=file_field,
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES:
+        raise UploadTooLarge(
+            f"The file is larger than the {max_bytes // (1024 * 1024)} MiB limit.", param=file_field
+        )
+    upload = Upload()
+    receiver = _Receiver(upload, tmp_dir, max_bytes, file_field)
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": receiver.on_part_begin,
+            "on_part_data": receiver.on_part_data,
+            "on_part_end": receiver.on_part_end,
+            "on_header_field": receiver.on_header_field,
+            "on_header_value": receiver.on_header_value,
+            "on_header_end": receiver.on_header_end,
+            "on_headers_finished": receiver.on_headers_finished,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except BaseException as exc:
+        receiver.close()
+        upload.discard()
+        if isinstance(exc, InvalidRequest | UploadTooLarge):
+            raise
+        if isinstance(exc, Exception):
+            raise InvalidRequest("The multipart body could not be parsed.") from exc
+        raise
+    receiver.close()
+    if upload.path is None:
+        raise InvalidRequest("No file was uploaded: send it in the 'file' field.", param=file_field)
+    return upload

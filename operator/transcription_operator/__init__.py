@@ -1,0 +1,1 @@
+"""kopf operator for TranscriptionJob and CreditCode resources (see issue: Kubernetes plane)."""

@@ -1,0 +1,7 @@
+"""Shared test configuration; server-starting fixtures live in tests/fixtures/."""
+
+pytest_plugins = [
+    "tests.fixtures.database",
+    "tests.fixtures.gcs",
+    "tests.fixtures.audio",
+]

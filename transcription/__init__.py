@@ -1,0 +1,1 @@
+"""Shared domain of the Whisper transcription service: credit ledger, lifecycle, storage, audio."""

@@ -1,0 +1,22 @@
+"""``whisperctl``: one command line for every component; heavy imports happen per command."""
+
+from __future__ import annotations
+
+import typer
+
+from transcription.cli import codes, db, serve, submit
+
+app = typer.Typer(
+    name="whisperctl",
+    help="Whisper transcription service: run it, issue credit codes, submit audio.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(codes.app, name="codes")
+app.add_typer(db.app, name="db")
+app.command("serve")(serve.serve)
+app.command("submit")(submit.submit)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,120 @@
+"""Domain errors: each carries a machine-readable ``code``; the gateway maps classes to HTTP."""
+
+from __future__ import annotations
+
+
+class DomainError(Exception):
+    """Base of every error a user can cause or see; ``code`` is stable and documented."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidRequest(DomainError):
+    """The request is malformed (a missing or invalid field)."""
+
+    code = "invalid_request"
+
+
+class Unauthenticated(DomainError):
+    """No credit code, or one the service does not know."""
+
+    code = "invalid_code"
+
+
+class AdminRequired(DomainError):
+    """The admin token is missing or wrong."""
+
+    code = "invalid_admin_token"
+
+
+class AdminDisabled(DomainError):
+    """The admin API is off because no admin token is configured."""
+
+    code = "admin_api_disabled"
+
+
+class CreditError(DomainError):
+    """The code exists but cannot pay for this request."""
+
+    code = "insufficient_credit"
+
+
+class InsufficientCredit(CreditError):
+    code = "insufficient_credit"
+
+
+class UsesExhausted(CreditError):
+    code = "code_used"
+
+
+class CodeExpired(CreditError):
+    code = "code_expired"
+
+
+class CodeRevoked(CreditError):
+    code = "code_revoked"
+
+
+class NotFound(DomainError):
+    code = "not_found"
+
+
+class Conflict(DomainError):
+    code = "conflict"
+
+
+class TranscriptNotReady(Conflict):
+    code = "transcript_not_ready"
+
+
+class IdempotencyKeyInUse(Conflict):
+    """The same Idempotency-Key is still being processed by another request."""
+
+    code = "idempotency_key_in_use"
+
+
+class IdempotencyKeyReused(DomainError):
+    """The same Idempotency-Key was sent with a different request."""
+
+    code = "idempotency_key_reused"
+
+
+class UploadTooLarge(DomainError):
+    code = "file_too_large"
+
+
+class UnsupportedMediaType(DomainError):
+    """The upload is not an MP3 stream, whatever its name says."""
+
+    code = "unsupported_media_type"
+
+
+class InvalidAudio(DomainError):
+    """The upload looks like an MP3 but cannot be used: empty, undecodable or too long."""
+
+    code = "invalid_audio"
+
+
+class EmptyAudio(InvalidAudio):
+    code = "empty_file"
+
+
+class UndecodableAudio(InvalidAudio):
+    code = "audio_undecodable"
+
+
+class AudioTooLong(InvalidAudio):
+    code = "audio_too_long"
+
+
+class TranscriptionFailed(DomainError):
+    """The engine could not transcribe the audio; the job fails and its credit is released."""
+
+    code = "transcription_failed"

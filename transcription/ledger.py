@@ -1,0 +1,294 @@
+"""The credit ledger: issue codes, reserve, settle, release, top up and revoke, atomically.
+
+Every movement changes a code's counters with one conditional ``UPDATE`` and records the same
+deltas as a ledger row keyed by (job, kind), so a replayed settlement or release is a no-op and
+the ledger always sums to the counters. Functions take a session inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from transcription.db.models import CreditCode, Job, LedgerEntry, utcnow
+from transcription.errors import (
+    CodeExpired,
+    CodeRevoked,
+    InsufficientCredit,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+    UsesExhausted,
+)
+from transcription.states import CreditState
+
+CODE_PREFIX = "wt_"
+CODE_ID_PREFIX = "cc_"
+
+
+@dataclass(frozen=True)
+class IssuedCode:
+    """A freshly minted code: the plaintext exists only here, never in storage."""
+
+    code: str
+    record: CreditCode
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(8)
+
+
+def generate_code() -> str:
+    """A code with 192 bits of randomness behind a readable prefix."""
+    return CODE_PREFIX + secrets.token_urlsafe(24)
+
+
+def hash_code(code: str, key: bytes) -> str:
+    return hmac.new(key, code.encode(), hashlib.sha256).hexdigest()
+
+
+def seconds_to_reserve(audio_seconds: float) -> int:
+    return max(1, math.ceil(audio_seconds - 1e-6))
+
+
+def issue_code(
+    session: Session,
+    key: bytes,
+    *,
+    seconds: int,
+    max_uses: int = 1,
+    expires_at: datetime | None = None,
+    label: str | None = None,
+) -> IssuedCode:
+    if seconds < 1:
+        raise InvalidRequest("A code must be worth at least one second.", param="seconds")
+    if max_uses < 1:
+        raise InvalidRequest("A code must allow at least one use.", param="max_uses")
+    code = generate_code()
+    record = CreditCode(
+        id=new_id(CODE_ID_PREFIX),
+        code_hash=hash_code(code, key),
+        hint=code[-4:],
+        label=label,
+        budget_seconds=seconds,
+        reserved_seconds=0,
+        spent_seconds=0,
+        max_uses=max_uses,
+        uses=0,
+        expires_at=expires_at,
+    )
+    session.add(record)
+    session.flush()
+    session.add(LedgerEntry(code_id=record.id, kind="issue", budget_delta=seconds))
+    return IssuedCode(code=code, record=record)
+
+
+def authenticate(session: Session, key: bytes, code: str) -> CreditCode:
+    """The code's record, or ``Unauthenticated``; says nothing about whether it can pay."""
+    if not code.startswith(CODE_PREFIX) or len(code) > 200:
+        raise Unauthenticated("The credit code is not valid.")
+    digest = hash_code(code, key)
+    record = session.scalar(select(CreditCode).where(CreditCode.code_hash == digest))
+    # The lookup is by an index, so compare again in constant time to keep the check honest.
+    if record is None or not hmac.compare_digest(record.code_hash, digest):
+        raise Unauthenticated("The credit code is not valid.")
+    return record
+
+
+def get_code(session: Session, code_id: str, *, for_update: bool = False) -> CreditCode:
+    stmt = select(CreditCode).where(CreditCode.id == code_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    record = session.scalar(stmt)
+    if record is None:
+        raise NotFound(f"No credit code with ID {code_id!r}.", param="id")
+    return record
+
+
+def ensure_usable(record: CreditCode, now: datetime | None = None) -> None:
+    """Raise the 402-class error that explains why the code cannot start a new job."""
+    now = now or utcnow()
+    if record.revoked_at is not None:
+        raise CodeRevoked("This credit code has been revoked.")
+    if record.expires_at is not None and record.expires_at <= now:
+        raise CodeExpired(f"This credit code expired at {record.expires_at.isoformat()}.")
+    if record.uses >= record.max_uses:
+        raise UsesExhausted(
+            f"This credit code has been used {record.uses} of {record.max_uses} times."
+        )
+
+
+def reserve(session: Session, code_id: str, job_id: str, seconds: int) -> None:
+    """Hold ``seconds`` and one use of the code for the job, or raise why it cannot."""
+    now = utcnow()
+    result = session.execute(
+        update(CreditCode)
+        .where(
+            CreditCode.id == code_id,
+            CreditCode.revoked_at.is_(None),
+            (CreditCode.expires_at.is_(None)) | (CreditCode.expires_at > now),
+            CreditCode.uses < CreditCode.max_uses,
+            CreditCode.budget_seconds - CreditCode.spent_seconds - CreditCode.reserved_seconds
+            >= seconds,
+        )
+        .values(
+            reserved_seconds=CreditCode.reserved_seconds + seconds,
+            uses=CreditCode.uses + 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        record = get_code(session, code_id)
+        session.refresh(record)
+        ensure_usable(record, now)
+        raise InsufficientCredit(
+            f"The audio needs {seconds} s of credit; this code has "
+            f"{max(record.remaining_seconds, 0)} s left."
+        )
+    session.add(
+        LedgerEntry(
+            code_id=code_id, job_id=job_id, kind="reserve", reserved_delta=seconds, uses_delta=1
+        )
+    )
+    session.flush()
+
+
+def _resolve(session: Session, job_id: str, to: CreditState) -> Job | None:
+    """Move the job's reservation out of HELD exactly once; None if it already moved."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.credit_state == CreditState.HELD.value)
+        .values(credit_state=to.value)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get(Job, job_id)
+    if job is not None:
+        session.refresh(job)
+    return job
+
+
+def settle(session: Session, job_id: str, charged_seconds: int) -> int | None:
+    """Charge what was transcribed (never more than reserved) and release the rest."""
+    job = _resolve(session, job_id, CreditState.SETTLED)
+    if job is None:
+        return None
+    charged = max(0, min(charged_seconds, job.reserved_seconds))
+    session.execute(
+        update(CreditCode)
+        .where(CreditCode.id == job.code_id)
+        .values(
+            reserved_seconds=CreditCode.reserved_seconds - job.reserved_seconds,
+            spent_seconds=CreditCode.spent_seconds + charged,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.add(
+        LedgerEntry(
+            code_id=job.code_id,
+            job_id=job_id,
+            kind="settle",
+            reserved_delta=-job.reserved_seconds,
+            spent_delta=charged,
+        )
+    )
+    job.charged_seconds = charged
+    session.flush()
+    return charged
+
+
+def release(session: Session, job_id: str) -> bool:
+    """Give back the whole reservation and its use; False if it was already resolved."""
+    job = _resolve(session, job_id, CreditState.RELEASED)
+    if job is None:
+        return False
+    session.execute(
+        update(CreditCode)
+        .where(CreditCode.id == job.code_id)
+        .values(
+            reserved_seconds=CreditCode.reserved_seconds - job.reserved_seconds,
+            uses=CreditCode.uses - 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    session.add(
+        LedgerEntry(
+            code_id=job.code_id,
+            job_id=job_id,
+            kind="release",
+            reserved_delta=-job.reserved_seconds,
+            uses_delta=-1,
+        )
+    )
+    job.charged_seconds = 0
+    session.flush()
+    return True
+
+
+def top_up(session: Session, code_id: str, seconds: int) -> CreditCode:
+    """Add ``seconds`` to the code's budget (an admin action)."""
+    if seconds < 1:
+        raise InvalidRequest("A top-up must add at least one second.", param="add_seconds")
+    get_code(session, code_id)
+    session.execute(
+        update(CreditCode)
+        .where(CreditCode.id == code_id)
+        .values(budget_seconds=CreditCode.budget_seconds + seconds)
+        .execution_options(synchronize_session=False)
+    )
+    session.add(LedgerEntry(code_id=code_id, kind="top_up", budget_delta=seconds))
+    return _fresh(session, code_id)
+
+
+def set_max_uses(session: Session, code_id: str, max_uses: int) -> CreditCode:
+    record = get_code(session, code_id, for_update=True)
+    if max_uses < max(1, record.uses):
+        raise InvalidRequest(
+            f"max_uses cannot be below the {record.uses} uses already made.", param="max_uses"
+        )
+    record.max_uses = max_uses
+    session.flush()
+    return record
+
+
+def set_expiry(session: Session, code_id: str, expires_at: datetime | None) -> CreditCode:
+    record = get_code(session, code_id)
+    record.expires_at = expires_at
+    session.flush()
+    return record
+
+
+def revoke(session: Session, code_id: str) -> CreditCode:
+    """Stop the code from starting new jobs; jobs already reserved still resolve normally."""
+    record = get_code(session, code_id)
+    if record.revoked_at is None:
+        record.revoked_at = utcnow()
+        session.flush()
+    return record
+
+
+def ledger_totals(session: Session, code_id: str) -> dict[str, int]:
+    """The sums of the code's ledger deltas; they equal its counters, always."""
+    row = session.execute(
+        select(
+            func.coalesce(func.sum(LedgerEntry.budget_delta), 0),
+            func.coalesce(func.sum(LedgerEntry.reserved_delta), 0),
+            func.coalesce(func.sum(LedgerEntry.spent_delta), 0),
+            func.coalesce(func.sum(LedgerEntry.uses_delta), 0),
+        ).where(LedgerEntry.code_id == code_id)
+    ).one()
+    return {"budget": row[0], "reserved": row[1], "spent": row[2], "uses": row[3]}
+
+
+def _fresh(session: Session, code_id: str) -> CreditCode:
+    record = get_code(session, code_id)
+    session.refresh(record)
+    return record

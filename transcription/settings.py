@@ -1,0 +1,99 @@
+"""Configuration read from the environment; each component builds its own settings object."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path("whisper-data")
+KEY_FILE_NAME = "code-secret"
+
+
+class CoreSettings(BaseSettings):
+    """Settings every component shares: where state lives and how codes are hashed."""
+
+    model_config = SettingsConfigDict(env_prefix="WHISPER_", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(
+        DEFAULT_DATA_DIR,
+        description="Directory for the SQLite database, blobs and the code secret.",
+    )
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("DATABASE_URL", "WHISPER_DATABASE_URL", "database_url"),
+        description="SQLAlchemy URL; default: a SQLite file in the data directory.",
+    )
+    blob_url: str | None = Field(
+        None, description="file:///dir or gs://bucket/prefix; default: <data dir>/blobs."
+    )
+    code_secret: SecretStr | None = Field(
+        None,
+        description="Key for hashing credit codes; default: generated once into <data dir>/code-secret.",
+    )
+    max_audio_seconds: int = Field(3600, ge=1, description="Longest audio accepted, in seconds.")
+    max_upload_bytes: int = Field(
+        256 * 1024 * 1024, ge=1, description="Largest upload accepted, in bytes."
+    )
+    engine: Literal["local", "openai"] = Field("local", description="Whisper engine.")
+    model: str | None = Field(
+        None,
+        description="Model path or name; default: bundled tiny.en (local), whisper-1 (openai).",
+    )
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'whisper.db').absolute()}"
+
+    def resolved_blob_url(self) -> str:
+        return self.blob_url or (self.data_dir / "blobs").absolute().as_uri()
+
+    def ensure_data_dir(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def code_key(self) -> bytes:
+        """The HMAC key for credit codes, created once per data directory when not configured."""
+        if self.code_secret is not None:
+            return self.code_secret.get_secret_value().encode()
+        self.ensure_data_dir()
+        path = self.data_dir / KEY_FILE_NAME
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip().encode()
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+            f.flush()
+            os.fsync(f.fileno())
+        return path.read_text().strip().encode()
+
+
+class WorkerSettings(CoreSettings):
+    """Settings of whatever runs the transcription (the local pool or the transcriber Job)."""
+
+    cpu_threads: int = Field(0, ge=0, description="Inference threads; 0 = one per core.")
+    batch_size: int = Field(8, ge=1, description="Batch size of the fast (batched) mode.")
+    progress_interval: float = Field(
+        1.0, ge=0, description="Seconds between progress writes to the database."
+    )
+
+
+class GatewaySettings(WorkerSettings):
+    """Settings of the HTTP gateway and its embedded job runner."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, description="Port to listen on.")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /v1/admin; admin API disabled when unset."
+    )
+    runner: Literal["local"] = Field("local", description="Where jobs run.")
+    concurrency: int = Field(
+        0, ge=0, description="Transcriptions run at once by the local runner; 0 = automatic."
+    )
+    migrate_on_start: bool = Field(True, description="Apply database migrations at startup.")
+    idempotency_ttl_hours: int = Field(24, ge=24, description="How long Idempotency-Keys live.")
