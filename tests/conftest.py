@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.fixtures.database",
     "tests.fixtures.gcs",
     "tests.fixtures.audio",
+    "tests.fixtures.gateway",
+    "tests.fixtures.server",
 ]

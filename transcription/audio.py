@@ -25,7 +25,7 @@ _MAX_JUNK = 4096  # bytes of garbage tolerated before the first frame, after tag
 _CHAIN = 3  # consecutive consistent frame headers that make random bytes implausible
 _DECODE_RUNS = 8  # places spread through the file where a few packets are really decoded
 _RUN_PACKETS = 4
-_LIMIT_SLACK = 1.0  # seconds of gapless padding the raw packet clock may carry past the limit
+_LIMIT_SLACK = 2.0  # seconds of gapless padding the raw packet clock may carry past the limit
 
 # Layer III tables, indexed by the header's version bits (0: MPEG-2.5, 2: MPEG-2, 3: MPEG-1).
 _SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
@@ -93,24 +93,26 @@ def probe_mp3(path: Path, *, max_seconds: float) -> AudioInfo:
             raise UndecodableAudio(
                 "The file starts like an MP3 but its header cannot be read.", param="file"
             ) from exc
-    return _measure(path, size, max_seconds=max_seconds, declared=declared)
+    return _measure(path, size, audio_start, max_seconds=max_seconds, declared=declared)
 
 
-def _measure(path: Path, size: int, *, max_seconds: float, declared: float | None) -> AudioInfo:
+def _measure(
+    path: Path, size: int, audio_start: int, *, max_seconds: float, declared: float | None
+) -> AudioInfo:
     """Demux every packet, summing durations, and decode a few runs spread through the file."""
     try:
         container = av.open(str(path), format="mp3", metadata_errors="ignore")
     except av.error.FFmpegError as exc:
         raise UndecodableAudio("The file cannot be read as MP3 audio.", param="file") from exc
     with container:
-        if not container.streams.audio or container.streams.audio[0].time_base is None:
+        stream = container.streams.audio[0] if container.streams.audio else None
+        if stream is None or stream.time_base is None:
             raise UndecodableAudio("The file contains no MP3 audio stream.", param="file")
-        stream = container.streams.audio[0]
         codec = stream.codec_context
         tick = float(stream.time_base)
         limit_ticks = (max_seconds + _LIMIT_SLACK) / tick
         checkpoints = [size * k // _DECODE_RUNS for k in range(_DECODE_RUNS)]
-        ticks = run_start = run_left = 0
+        ticks = run_start = run_left = audio_bytes = 0
         run_decoded = stopped_early = False
         first: av.Packet | None = None
         last: av.Packet | None = None
@@ -119,8 +121,9 @@ def _measure(path: Path, size: int, *, max_seconds: float, declared: float | Non
                 continue
             if first is None:
                 first = packet
-            if not run_left and checkpoints and packet.pos >= checkpoints[0]:
-                checkpoints = [at for at in checkpoints if at > packet.pos]
+            audio_bytes += packet.size
+            if not run_left and checkpoints and audio_start + audio_bytes > checkpoints[0]:
+                checkpoints = [at for at in checkpoints if at >= audio_start + audio_bytes]
                 run_start, run_left, run_decoded = ticks, _RUN_PACKETS, False
                 codec.flush_buffers()
             if run_left:
@@ -139,15 +142,15 @@ def _measure(path: Path, size: int, *, max_seconds: float, declared: float | Non
             raise _damaged(run_start * tick)
         sample_rate = codec.sample_rate
         duration = ticks * tick - _gapless_padding(first, last, sample_rate)
-        audio_bytes = last.pos + last.size - first.pos
         if duration > max_seconds:
             about = ""
-            if stopped_early and audio_bytes > 0:
-                duration *= max(1.0, (size - first.pos) / audio_bytes)
+            if stopped_early:
+                duration *= max(1.0, (size - audio_start) / audio_bytes)
                 about = "about "
+            shown = max(duration, math.floor(max_seconds) + 1)  # never print "equal" to the limit
             raise AudioTooLong(
-                f"The audio is {about}{_format_duration(duration)} long; "
-                f"the limit is {_format_duration(max_seconds, up=False)}.",
+                f"The audio is {about}{_format_duration(shown)} long; "
+                f"the limit is {_format_duration(max_seconds)}.",
                 param="file",
             )
         if duration <= 0:
@@ -157,19 +160,19 @@ def _measure(path: Path, size: int, *, max_seconds: float, declared: float | Non
             declared_duration=declared,
             sample_rate=sample_rate,
             channels=codec.channels,
-            bitrate=round(audio_bytes * 8 / duration) if audio_bytes > 0 else None,
+            bitrate=round(audio_bytes * 8 / duration),
         )
 
 
 def _damaged(at_seconds: float) -> UndecodableAudio:
-    where = f" from {_format_duration(at_seconds, up=False)} on" if at_seconds else ""
+    where = f" from {_format_duration(at_seconds)} on" if at_seconds else ""
     return UndecodableAudio(
         f"The audio does not decode{where}; the file is damaged or is not really MP3.",
         param="file",
     )
 
 
-def _decodes(codec: av.CodecContext, packet: av.Packet) -> bool:
+def _decodes(codec: av.AudioCodecContext, packet: av.Packet) -> bool:
     try:
         return bool(codec.decode(packet))
     except av.error.FFmpegError:
@@ -287,14 +290,19 @@ def _describe(head: bytes) -> str:
         return "is MPEG layer I/II audio (MP1/MP2), not MP3"
     sample = head[:4096]
     text = sample.decode("utf-8", "ignore")
-    if text.strip() and len(text.encode()) >= len(sample) - 3:  # a cut multibyte character
-        if all(char.isprintable() or char in "\t\r\n" for char in text):
-            return "is a text file"
+    if (
+        text.strip()
+        and len(text.encode()) >= len(sample) - 3  # the sample may end in a cut character
+        and all(char.isprintable() or char in "\t\r\n" for char in text)
+    ):
+        return "is a text file"
     return "does not look like MP3 audio"
 
 
-def _format_duration(seconds: float, *, up: bool = True) -> str:
-    """``3h 0m 4s``; lengths round up so one just over the limit never prints equal to it."""
-    whole = math.ceil(seconds) if up else math.floor(seconds)
-    hours, rest = divmod(whole, 3600)
-    return f"{hours}h {rest // 60}m {rest % 60}s"
+def _format_duration(seconds: float) -> str:
+    """``3h 0m 4s``, ``10m 0s`` or ``45s``, to the nearest second."""
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, seconds_left = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes}m {seconds_left}s"
+    return f"{minutes}m {seconds_left}s" if minutes else f"{seconds_left}s"

@@ -12,6 +12,7 @@ import textwrap
 import threading
 import tracemalloc
 from pathlib import Path
+from typing import BinaryIO, cast
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -29,8 +30,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
 
 
 class GeneratedStream(io.RawIOBase):
-    """``size`` pseudo-random bytes made on demand, hashed as they go, in short reads of at most
-    ``max_read`` bytes, with no seek or tell: like a request body arriving off a socket."""
+    """``size`` pseudo-random bytes made on demand and hashed as they go, in short reads of at
+    most ``max_read`` bytes and with no seek or tell: like a request body read off a socket."""
 
     def __init__(self, size: int, max_read: int = 64 * 1024) -> None:
         self.remaining = size
@@ -42,15 +43,15 @@ class GeneratedStream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        n = min(len(buffer), self.max_read, self.remaining)
+    def read(self, size: int | None = -1) -> bytes:
+        n = min(self.max_read, self.remaining)
+        if size is not None and size >= 0:
+            n = min(n, size)
         self._counter += 1
-        chunk = self._counter.to_bytes(8, "big") + self._block[: max(n - 8, 0)]
-        chunk = chunk[:n]
-        buffer[:n] = chunk
+        chunk = (self._counter.to_bytes(8, "big") + self._block)[:n]
         self.sha256.update(chunk)
         self.remaining -= n
-        return n
+        return chunk
 
 
 def _sha256_of(store: BlobStore, key: str) -> tuple[str, int]:
@@ -95,7 +96,7 @@ def test_put_file_and_download_round_trip(store: BlobStore, tmp_path: Path) -> N
 
 def test_put_stream_round_trip_with_short_reads(store: BlobStore) -> None:
     stream = GeneratedStream(300_000, max_read=7_000)
-    store.put_stream(KEY, stream)  # type: ignore[arg-type]
+    store.put_stream(KEY, cast(BinaryIO, stream))
     assert _sha256_of(store, KEY) == (stream.sha256.hexdigest(), 300_000)
 
 
@@ -111,7 +112,7 @@ def test_put_stream_of_50_mb_stays_in_bounded_memory(store: BlobStore) -> None:
     stream = GeneratedStream(size)
     tracemalloc.start()
     try:
-        store.put_stream(KEY, stream)  # type: ignore[arg-type]
+        store.put_stream(KEY, cast(BinaryIO, stream))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -278,7 +279,7 @@ def test_local_writes_are_atomic(tmp_path: Path) -> None:
     store = open_blob_store(str(root))
     store.put_bytes(KEY, b"complete transcript")
     with pytest.raises(ConnectionResetError):
-        store.put_stream(KEY, FailingStream())  # type: ignore[arg-type]
+        store.put_stream(KEY, cast(BinaryIO, FailingStream()))
     with pytest.raises(FileNotFoundError):
         store.put_file("jobs/tr_abc/other.mp3", tmp_path / "no-such-file")
     assert store.get_bytes(KEY) == b"complete transcript"

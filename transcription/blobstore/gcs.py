@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import mimetypes
 import os
 from contextlib import suppress
@@ -32,8 +33,8 @@ def _make_client() -> storage.Client:
 
 
 class _FullReads:
-    """Adapts any readable stream to what resumable uploads expect: ``tell()`` from 0, and a
-    short read only at EOF (a raw socket's short read would otherwise end the upload early)."""
+    """Adapts any readable stream to what resumable uploads expect: ``tell()`` counting from 0,
+    and a short read only at EOF (a socket's short read would otherwise end the upload early)."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
@@ -43,20 +44,23 @@ class _FullReads:
         return self._pos
 
     def read(self, size: int = -1) -> bytes:
-        if size < 0:
-            data = self._stream.read()
-        else:
-            parts = []
-            remaining = size
-            while remaining > 0:
-                part = self._stream.read(remaining)
-                if not part:
-                    break
-                parts.append(part)
-                remaining -= len(part)
-            data = b"".join(parts)
+        data = self._stream.read(size)
+        if 0 < len(data) < size:
+            data = self._fill(data, size)
         self._pos += len(data)
         return data
+
+    def _fill(self, head: bytes, size: int) -> bytes:
+        # One preallocated buffer, not a list to join, keeps the peak near two chunks.
+        buffer = bytearray(size)
+        filled = len(head)
+        buffer[:filled] = head
+        del head
+        while filled < size and (part := self._stream.read(size - filled)):
+            buffer[filled : filled + len(part)] = part
+            filled += len(part)
+        del buffer[filled:]
+        return bytes(buffer)
 
 
 class GCSBlobStore:
@@ -77,6 +81,11 @@ class GCSBlobStore:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _blob(self, key: str) -> storage.Blob:
+        return self._bucket.blob(self._name(key))
+
+    def _upload_blob(self, key: str) -> storage.Blob:
+        # Downloads go without a chunk size: one streamed GET instead of a range request per
+        # chunk (ranged reads of empty objects also trip the emulator).
         return self._bucket.blob(self._name(key), chunk_size=CHUNK_SIZE)
 
     def _list_prefix(self, prefix: str) -> str:
@@ -90,18 +99,18 @@ class GCSBlobStore:
         return f"gs://{self.bucket_name}/{self._name(key)}"
 
     def put_file(self, key: str, path: Path, *, content_type: str | None = None) -> str:
-        self._blob(key).upload_from_filename(
+        self._upload_blob(key).upload_from_filename(
             str(path), content_type=content_type or _guess_type(key)
         )
         return self.uri(key)
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
-        self._blob(key).upload_from_string(data, content_type=content_type or _guess_type(key))
+        self._upload_blob(key).upload_from_string(data, content_type=content_type or _guess_type(key))
         return self.uri(key)
 
     def put_stream(self, key: str, stream: BinaryIO, *, content_type: str | None = None) -> str:
         # No size: the library then uploads resumably, one CHUNK_SIZE piece at a time.
-        self._blob(key).upload_from_file(
+        self._upload_blob(key).upload_from_file(
             _FullReads(stream), content_type=content_type or _guess_type(key)
         )
         return self.uri(key)
@@ -110,6 +119,9 @@ class GCSBlobStore:
         blob = self._bucket.get_blob(self._name(key))
         if blob is None:
             raise self._not_found(key)
+        if blob.size == 0:
+            # An empty object has no byte range to request.
+            return io.BytesIO()
         # Pinning the generation makes a concurrent overwrite fail the read instead of
         # splicing two versions together.
         reader = blob.open("rb", chunk_size=CHUNK_SIZE, if_generation_match=blob.generation)

@@ -1,0 +1,357 @@
+"""Random sequences of ledger operations on PostgreSQL, checked against a pure-Python model."""
+
+from __future__ import annotations
+
+import random
+import re
+import secrets
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import timedelta
+
+import psycopg
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
+from sqlalchemy import select
+
+from tests.fixtures.database import PG_DSN
+from tests.transcription.test_ledger import KEY, counters, issue, new_job, submit_job
+from tests.transcription.test_ledger_concurrency import run_together
+from transcription import ledger
+from transcription.db.migrate import upgrade
+from transcription.db.models import CreditCode, Job, LedgerEntry, utcnow
+from transcription.db.session import Database
+from transcription.errors import (
+    CodeExpired,
+    CodeRevoked,
+    CreditError,
+    InsufficientCredit,
+    InvalidRequest,
+    UsesExhausted,
+)
+from transcription.lifecycle import Lifecycle, submit
+from transcription.states import CreditState, JobStatus
+
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+@dataclass
+class CodeModel:
+    """What a code's counters must be, computed without the database."""
+
+    budget: int
+    max_uses: int
+    reserved: int = 0
+    spent: int = 0
+    uses: int = 0
+    revoked: bool = False
+    expired: bool = False
+
+    def refusal(self, seconds: int) -> type[CreditError] | None:
+        """The error a submission needing ``seconds`` must get, or None if it must succeed."""
+        if self.revoked:
+            return CodeRevoked
+        if self.expired:
+            return CodeExpired
+        if self.uses >= self.max_uses:
+            return UsesExhausted
+        if self.budget - self.spent - self.reserved < seconds:
+            return InsufficientCredit
+        return None
+
+
+@dataclass
+class JobModel:
+    """What a job's status and reservation must be."""
+
+    code_id: str
+    reserved: int
+    status: JobStatus = JobStatus.QUEUED
+    credit: CreditState = CreditState.HELD
+    charged: int | None = None
+
+
+@settings(
+    max_examples=25,
+    stateful_step_count=30,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+class LedgerMachine(RuleBasedStateMachine):
+    """Each example runs in a fresh PostgreSQL schema, dropped at teardown."""
+
+    codes = Bundle("codes")
+    jobs = Bundle("jobs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.schema = "sm_" + secrets.token_hex(6)
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'CREATE SCHEMA "{self.schema}"')
+        self.db = Database(f"{PG_DSN}?options=-csearch_path%3D{self.schema}")
+        upgrade(self.db.engine)
+        self.lifecycle = Lifecycle(self.db)
+        self.code_models: dict[str, CodeModel] = {}
+        self.job_models: dict[str, JobModel] = {}
+
+    def teardown(self) -> None:
+        self.db.dispose()
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{self.schema}" CASCADE')
+
+    def _resolved(self, job: JobModel, to: CreditState, charged: int) -> None:
+        code = self.code_models[job.code_id]
+        code.reserved -= job.reserved
+        code.spent += charged
+        if to is CreditState.RELEASED:
+            code.uses -= 1
+        job.credit = to
+        job.charged = charged
+
+    def _finished(self, job: JobModel, to: JobStatus, result: Job | None) -> None:
+        if job.status not in UNFINISHED:
+            assert result is None
+            return
+        assert result is not None
+        job.status = to
+        if job.credit is CreditState.HELD:
+            self._resolved(job, CreditState.RELEASED, 0)
+        assert (result.status, result.credit_state) == (to, job.credit)
+
+    @rule(target=codes, seconds=st.integers(1, 600), max_uses=st.integers(1, 4))
+    def issue_code(self, seconds: int, max_uses: int) -> str:
+        with self.db.transaction() as session:
+            code_id = ledger.issue_code(session, KEY, seconds=seconds, max_uses=max_uses).record.id
+        self.code_models[code_id] = CodeModel(budget=seconds, max_uses=max_uses)
+        return code_id
+
+    @rule(target=jobs, code_id=codes, centiseconds=st.integers(1, 30_000))
+    def submit(self, code_id: str, centiseconds: int) -> object:
+        code = self.code_models[code_id]
+        seconds = -(-centiseconds // 100)
+        expected = code.refusal(seconds)
+        try:
+            with self.db.transaction() as session:
+                job_id = submit(session, new_job(code_id, centiseconds / 100)).id
+        except CreditError as exc:
+            assert type(exc) is expected
+            if expected is InsufficientCredit:
+                assert re.search(rf"\b{code.budget - code.spent - code.reserved} s\b", str(exc))
+            return multiple()
+        assert expected is None, f"accepted, but the model expected {expected.__name__}"
+        code.reserved += seconds
+        code.uses += 1
+        self.job_models[job_id] = JobModel(code_id=code_id, reserved=seconds)
+        return job_id
+
+    @rule(job_id=jobs)
+    def start(self, job_id: str) -> None:
+        job = self.job_models[job_id]
+        result = self.lifecycle.start(job_id)
+        if job.status is not JobStatus.QUEUED:
+            assert result is None
+            return
+        assert result is not None
+        assert result.status == JobStatus.RUNNING
+        job.status = JobStatus.RUNNING
+
+    @rule(job_id=jobs, charged=st.integers(0, 700))
+    def settle(self, job_id: str, charged: int) -> None:
+        job = self.job_models[job_id]
+        with self.db.transaction() as session:
+            result = ledger.settle(session, job_id, charged)
+        if job.credit is not CreditState.HELD:
+            assert result is None
+            return
+        assert result == min(charged, job.reserved)
+        self._resolved(job, CreditState.SETTLED, result)
+
+    @rule(job_id=jobs)
+    def release(self, job_id: str) -> None:
+        job = self.job_models[job_id]
+        with self.db.transaction() as session:
+            result = ledger.release(session, job_id)
+        assert result is (job.credit is CreditState.HELD)
+        if result:
+            self._resolved(job, CreditState.RELEASED, 0)
+
+    @rule(job_id=jobs)
+    def fail(self, job_id: str) -> None:
+        result = self.lifecycle.fail(job_id, code="engine_error", message="The engine crashed.")
+        self._finished(self.job_models[job_id], JobStatus.FAILED, result)
+
+    @rule(job_id=jobs)
+    def cancel(self, job_id: str) -> None:
+        self._finished(self.job_models[job_id], JobStatus.CANCELLED, self.lifecycle.cancel(job_id))
+
+    @precondition(
+        lambda self: any(j.credit is not CreditState.HELD for j in self.job_models.values())
+    )
+    @rule(data=st.data())
+    def replay_resolution(self, data: st.DataObject) -> None:
+        resolved = sorted(i for i, j in self.job_models.items() if j.credit is not CreditState.HELD)
+        job_id = data.draw(st.sampled_from(resolved))
+        with self.db.transaction() as session:
+            assert ledger.settle(session, job_id, 10_000) is None
+            assert ledger.release(session, job_id) is False
+
+    @rule(code_id=codes)
+    def revoke(self, code_id: str) -> None:
+        with self.db.transaction() as session:
+            assert ledger.revoke(session, code_id).revoked_at is not None
+        self.code_models[code_id].revoked = True
+
+    @rule(code_id=codes, seconds=st.integers(1, 300))
+    def top_up(self, code_id: str, seconds: int) -> None:
+        code = self.code_models[code_id]
+        with self.db.transaction() as session:
+            assert ledger.top_up(session, code_id, seconds).budget_seconds == code.budget + seconds
+        code.budget += seconds
+
+    @rule(code_id=codes)
+    def expire(self, code_id: str) -> None:
+        with self.db.transaction() as session:
+            ledger.set_expiry(session, code_id, utcnow() - timedelta(seconds=1))
+        self.code_models[code_id].expired = True
+
+    @rule(code_id=codes, max_uses=st.integers(1, 5))
+    def set_max_uses(self, code_id: str, max_uses: int) -> None:
+        code = self.code_models[code_id]
+        try:
+            with self.db.transaction() as session:
+                ledger.set_max_uses(session, code_id, max_uses)
+        except InvalidRequest:
+            assert max_uses < code.uses
+            return
+        assert max_uses >= code.uses
+        code.max_uses = max_uses
+
+    @invariant()
+    def counters_match_the_model_and_the_ledger(self) -> None:
+        with self.db.transaction() as session:
+            records = {r.id: r for r in session.scalars(select(CreditCode))}
+            totals = {code_id: ledger.ledger_totals(session, code_id) for code_id in records}
+        assert records.keys() == self.code_models.keys()
+        for code_id, record in records.items():
+            model = self.code_models[code_id]
+            stored = {
+                "budget": record.budget_seconds,
+                "reserved": record.reserved_seconds,
+                "spent": record.spent_seconds,
+                "uses": record.uses,
+            }
+            assert record.spent_seconds + record.reserved_seconds <= record.budget_seconds
+            assert record.reserved_seconds >= 0
+            assert 0 <= record.uses <= record.max_uses == model.max_uses
+            assert stored == {
+                "budget": model.budget,
+                "reserved": model.reserved,
+                "spent": model.spent,
+                "uses": model.uses,
+            }
+            assert totals[code_id] == stored
+
+    @invariant()
+    def each_reservation_resolves_at_most_once(self) -> None:
+        with self.db.transaction() as session:
+            jobs = {j.id: j for j in session.scalars(select(Job))}
+            entries = session.execute(
+                select(LedgerEntry.job_id, LedgerEntry.kind).where(LedgerEntry.job_id.is_not(None))
+            ).all()
+        kinds: dict[str, list[str]] = defaultdict(list)
+        for job_id, kind in entries:
+            kinds[job_id].append(kind)
+        assert jobs.keys() == self.job_models.keys()
+        for job_id, job in jobs.items():
+            model = self.job_models[job_id]
+            assert (job.status, job.credit_state, job.charged_seconds) == (
+                model.status,
+                model.credit,
+                model.charged,
+            )
+            expected = {
+                CreditState.HELD: ["reserve"],
+                CreditState.SETTLED: ["reserve", "settle"],
+                CreditState.RELEASED: ["release", "reserve"],
+            }[model.credit]
+            assert sorted(kinds[job_id]) == expected
+
+
+TestLedgerStateMachine = LedgerMachine.TestCase
+
+
+def test_concurrent_random_operations_keep_the_ledger_consistent(pg_db: Database) -> None:
+    """Eight threads reserve, settle and release at random on three codes; nothing leaks."""
+    code_ids = [issue(pg_db, 300, max_uses=10).record.id for _ in range(3)]
+    job_ids: list[str] = []
+    moves: dict[str, list[int | None]] = defaultdict(list)
+    refusals: list[CreditError] = []
+    lock = threading.Lock()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(30):
+            operation = rng.choice(["submit", "submit", "settle", "release"])
+            if operation == "submit":
+                try:
+                    job_id = submit_job(pg_db, rng.choice(code_ids), rng.uniform(1, 60)).id
+                except CreditError as exc:
+                    with lock:
+                        refusals.append(exc)
+                    continue
+                with lock:
+                    job_ids.append(job_id)
+                continue
+            with lock:
+                if not job_ids:
+                    continue
+                job_id = rng.choice(job_ids)
+            with pg_db.transaction() as session:
+                if operation == "settle":
+                    charged = ledger.settle(session, job_id, rng.randint(0, 80))
+                    moved = charged is not None
+                else:
+                    charged = None
+                    moved = ledger.release(session, job_id)
+            if moved:
+                with lock:
+                    moves[job_id].append(charged)
+
+    run_together(8, worker)
+
+    assert refusals
+    assert moves
+    with pg_db.transaction() as session:
+        jobs = list(session.scalars(select(Job)))
+    assert sorted(job.id for job in jobs) == sorted(job_ids)
+    expected = {
+        code_id: {"budget": 300, "reserved": 0, "spent": 0, "uses": 0} for code_id in code_ids
+    }
+    for job in jobs:
+        code = expected[job.code_id]
+        match moves.get(job.id, []):
+            case []:
+                assert job.credit_state == CreditState.HELD
+                code["reserved"] += job.reserved_seconds
+                code["uses"] += 1
+            case [None]:
+                assert (job.credit_state, job.charged_seconds) == (CreditState.RELEASED, 0)
+            case [int(charged)]:
+                assert (job.credit_state, job.charged_seconds) == (CreditState.SETTLED, charged)
+                assert charged <= job.reserved_seconds
+                code["spent"] += charged
+                code["uses"] += 1
+            case more:
+                raise AssertionError(f"job {job.id} moved credit {len(more)} times: {more}")
+    for code_id in code_ids:
+        assert counters(pg_db, code_id) == expected[code_id]
