@@ -22,9 +22,12 @@ HEAD_BYTES = 64 * 1024
 """How much of the start of a file ``sniff_mp3`` wants to see."""
 
 _MAX_JUNK = 4096  # bytes of garbage tolerated before the first frame, after tags and zero padding
+_ENOUGH_TO_JUDGE = 2 * _MAX_JUNK  # head bytes after the tags that a verdict needs
+_MIN_SECONDS = 0.1  # less than this is a click, not something to transcribe
 _CHAIN = 3  # consecutive consistent frame headers that make random bytes implausible
 _DECODE_RUNS = 8  # places spread through the file where a few packets are really decoded
 _RUN_PACKETS = 4
+_MAX_STACKED_TAGS = 8  # real files stack two or three; a file of nothing but tags is not audio
 _LIMIT_SLACK = 2.0  # seconds of gapless padding the raw packet clock may carry past the limit
 
 # Layer III tables, indexed by the header's version bits (0: MPEG-2.5, 2: MPEG-2, 3: MPEG-1).
@@ -52,21 +55,21 @@ _MAGIC: tuple[tuple[int, bytes, str], ...] = (
 class AudioInfo:
     """What probing an MP3 found; ``duration`` is measured, ``declared_duration`` only claimed."""
 
-    duration: float
-    declared_duration: float | None
+    duration: float  # seconds that demux and decode, gapless padding dropped
+    declared_duration: float | None  # seconds the Xing header (or a bitrate guess) claims
     sample_rate: int
     channels: int
-    bitrate: int | None
+    bitrate: int | None  # average bits per second of the audio frames
 
 
 def sniff_mp3(head: bytes) -> bool:
     """Whether ``head`` (the first ``HEAD_BYTES`` of a file) starts an MP3 stream.
 
-    An ID3v2 tag that runs past the end of ``head`` hides the audio, so it is given the benefit
-    of the doubt here; ``probe_mp3`` reads past it.
+    ID3v2 tags (cover art) that leave too little of a full-size head to judge are given the
+    benefit of the doubt here; ``probe_mp3`` reads past them.
     """
     start = _skip_id3v2(head)
-    if start > 0 and start >= len(head):
+    if start > 0 and len(head) >= HEAD_BYTES and len(head) - start < _ENOUGH_TO_JUDGE:
         return True
     return _mp3_frames_at(head, start)
 
@@ -116,26 +119,29 @@ def _measure(
         run_decoded = stopped_early = False
         first: av.Packet | None = None
         last: av.Packet | None = None
-        for packet in container.demux(stream):
-            if not packet.size:  # PyAV's end-of-stream packet, which only flushes decoders
-                continue
-            if first is None:
-                first = packet
-            audio_bytes += packet.size
-            if not run_left and checkpoints and audio_start + audio_bytes > checkpoints[0]:
-                checkpoints = [at for at in checkpoints if at >= audio_start + audio_bytes]
-                run_start, run_left, run_decoded = ticks, _RUN_PACKETS, False
-                codec.flush_buffers()
-            if run_left:
-                run_left -= 1
-                run_decoded = _decodes(codec, packet) or run_decoded
-                if not run_left and not run_decoded:
-                    raise _damaged(run_start * tick)
-            last = packet
-            ticks += packet.duration or 0
-            if ticks > limit_ticks:
-                stopped_early = True
-                break
+        try:
+            for packet in container.demux(stream):
+                if not packet.size:  # PyAV's end-of-stream packet, which only flushes decoders
+                    continue
+                if first is None:
+                    first = packet
+                audio_bytes += packet.size
+                if not run_left and checkpoints and audio_start + audio_bytes > checkpoints[0]:
+                    checkpoints = [at for at in checkpoints if at >= audio_start + audio_bytes]
+                    run_start, run_left, run_decoded = ticks, _RUN_PACKETS, False
+                    codec.flush_buffers()
+                if run_left:
+                    run_left -= 1
+                    run_decoded = _decodes(codec, packet) or run_decoded
+                    if not run_left and not run_decoded:
+                        raise _damaged(run_start * tick)
+                last = packet
+                ticks += packet.duration or 0
+                if ticks > limit_ticks:
+                    stopped_early = True
+                    break
+        except av.error.FFmpegError as exc:
+            raise _damaged(ticks * tick) from exc
         if first is None or last is None:
             raise UndecodableAudio("The file contains no decodable MP3 audio.", param="file")
         if run_left and not run_decoded and not stopped_early:
@@ -153,8 +159,12 @@ def _measure(
                 f"the limit is {_format_duration(max_seconds)}.",
                 param="file",
             )
-        if duration <= 0:
-            raise UndecodableAudio("The file contains no decodable MP3 audio.", param="file")
+        if duration < _MIN_SECONDS:
+            raise UndecodableAudio(
+                f"Only {max(duration, 0):.2f} s of the file decodes as audio; that is too little to "
+                "transcribe.",
+                param="file",
+            )
         return AudioInfo(
             duration=duration,
             declared_duration=declared,
@@ -186,14 +196,14 @@ def _gapless_padding(first: av.Packet, last: av.Packet, sample_rate: int) -> flo
         if packet.has_sidedata("skip_samples"):
             data = bytes(packet.get_sidedata("skip_samples"))
             samples += int.from_bytes(data[offset : offset + 4], "little")
-    return samples / sample_rate if sample_rate else 0.0
+    return samples / sample_rate
 
 
 def _head_after_tags(file: BinaryIO) -> tuple[bytes, int]:
     """The first ``HEAD_BYTES`` after any ID3v2 tags (some taggers stack several) and where
     they start; reading past tags this way copes with cover art larger than the head."""
     offset = 0
-    while True:
+    for _ in range(_MAX_STACKED_TAGS):
         file.seek(offset)
         length = _id3v2_length(file.read(10))
         if length is None:

@@ -76,11 +76,15 @@ def test_put_bytes_round_trip(store: BlobStore) -> None:
     assert store.size(KEY) == len(b"ID3 audio bytes")
 
 
-def test_empty_blob_round_trip(store: BlobStore) -> None:
+def test_empty_blob_round_trip(store: BlobStore, tmp_path: Path) -> None:
     store.put_bytes("empty.txt", b"")
     assert store.exists("empty.txt")
     assert store.size("empty.txt") == 0
     assert store.get_bytes("empty.txt") == b""
+    with store.open("empty.txt") as f:
+        assert f.read() == b""
+    store.download("empty.txt", tmp_path / "empty.txt")
+    assert (tmp_path / "empty.txt").read_bytes() == b""
 
 
 def test_put_file_and_download_round_trip(store: BlobStore, tmp_path: Path) -> None:
@@ -365,6 +369,7 @@ def test_open_blob_store_local_forms(tmp_path: Path) -> None:
         ("file:relative/dir", "absolute local path"),
         ("gs://", "no bucket"),
         ("gs:bucket", "no bucket"),
+        ("gs://bucket/../up", "'..'"),
     ],
 )
 def test_open_blob_store_rejects_bad_urls(url: str, message: str) -> None:

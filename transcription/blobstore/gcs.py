@@ -17,9 +17,10 @@ from google.cloud.storage.retry import DEFAULT_RETRY
 from transcription.blobstore.base import BlobNotFound, check_key, check_prefix
 from transcription.blobstore.local import atomic_writer
 
-# Resumable uploads and BlobReader hold one chunk in memory at a time; the library defaults
-# (100 MiB up, 40 MiB down) would hold a whole hour of audio. Must be a multiple of 256 KiB.
-CHUNK_SIZE = 8 * 1024 * 1024
+# Uploads and BlobReader hold about three chunks at once (the library keeps the previous chunk's
+# request alive while reading the next); its defaults (100 MiB up, 40 MiB down) would hold a
+# whole hour of audio. Must be a multiple of 256 KiB.
+CHUNK_SIZE = 4 * 1024 * 1024
 
 
 def _make_client() -> storage.Client:
@@ -46,21 +47,14 @@ class _FullReads:
     def read(self, size: int = -1) -> bytes:
         data = self._stream.read(size)
         if 0 < len(data) < size:
-            data = self._fill(data, size)
+            parts = [data]
+            remaining = size - len(data)
+            while remaining and (part := self._stream.read(remaining)):
+                parts.append(part)
+                remaining -= len(part)
+            data = b"".join(parts)
         self._pos += len(data)
         return data
-
-    def _fill(self, head: bytes, size: int) -> bytes:
-        # One preallocated buffer, not a list to join, keeps the peak near two chunks.
-        buffer = bytearray(size)
-        filled = len(head)
-        buffer[:filled] = head
-        del head
-        while filled < size and (part := self._stream.read(size - filled)):
-            buffer[filled : filled + len(part)] = part
-            filled += len(part)
-        del buffer[filled:]
-        return bytes(buffer)
 
 
 class GCSBlobStore:
@@ -84,8 +78,8 @@ class GCSBlobStore:
         return self._bucket.blob(self._name(key))
 
     def _upload_blob(self, key: str) -> storage.Blob:
-        # Downloads go without a chunk size: one streamed GET instead of a range request per
-        # chunk (ranged reads of empty objects also trip the emulator).
+        # Only uploads get a chunk size: with one, downloads become a range request per chunk
+        # instead of one streamed GET (and ranged reads of empty objects trip the emulator).
         return self._bucket.blob(self._name(key), chunk_size=CHUNK_SIZE)
 
     def _list_prefix(self, prefix: str) -> str:
@@ -105,7 +99,9 @@ class GCSBlobStore:
         return self.uri(key)
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
-        self._upload_blob(key).upload_from_string(data, content_type=content_type or _guess_type(key))
+        self._upload_blob(key).upload_from_string(
+            data, content_type=content_type or _guess_type(key)
+        )
         return self.uri(key)
 
     def put_stream(self, key: str, stream: BinaryIO, *, content_type: str | None = None) -> str:

@@ -29,16 +29,25 @@ def parse_expiry(value: str | None) -> datetime | None:
     """``30d``/``12h``-style durations from now, or an ISO 8601 date/time (UTC if no zone)."""
     if value is None:
         return None
+    now = datetime.now(UTC)
     match = DURATION.match(value.strip())
     if match:
-        return datetime.now(UTC) + timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
+        parsed = now + timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
+    else:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError as exc:
+            raise typer.BadParameter(
+                "use a duration like 30d or 12h, or an ISO date like 2027-01-31T00:00:00Z",
+                param_hint="--expires",
+            ) from exc
+        parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if parsed <= now:
         raise typer.BadParameter(
-            "use a duration like 30d or 12h, or an ISO date like 2027-01-31T00:00:00Z"
-        ) from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+            f"{value} is not in the future: a code must expire after it is created",
+            param_hint="--expires",
+        )
+    return parsed
 
 
 @contextmanager
@@ -157,9 +166,13 @@ def list_codes(
         typer.echo(json.dumps(rows, indent=2))
         return
     from rich.console import Console
-    from rich.table import Table
+    from rich.table import Column, Table
 
-    table = Table("ID", "Label", "State", "Remaining s", "Spent s", "Uses", "Expires")
+    from transcription import ledger
+
+    # IDs are what show/revoke/top-up take, so a narrow terminal must not cut them short.
+    id_column = Column("ID", no_wrap=True, min_width=len(ledger.new_id(ledger.CODE_ID_PREFIX)))
+    table = Table(id_column, "Label", "State", "Remaining s", "Spent s", "Uses", "Expires")
     for r in rows:
         table.add_row(
             r["id"],
