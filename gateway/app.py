@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
 from gateway import errors
-from gateway.routers import admin, credits, health, transcriptions
+from gateway.routers import admin, credits, health, openai_compat, transcriptions
 from gateway.runners import JobRunner, LocalJobRunner
 from gateway.services import Services
 from transcriber.engines import Engine, build_engine
@@ -32,10 +32,21 @@ def build_services(settings: GatewaySettings, engine: Engine | None = None) -> S
         upgrade(db.engine)
     blobs = open_blob_store(settings.resolved_blob_url())
     lc = Lifecycle(db)
-    concurrency = settings.concurrency or 1
-    engine = engine or build_engine(settings, concurrency=concurrency)
-    pipeline = Pipeline(lc, blobs, engine, progress_interval=settings.progress_interval)
-    runner: JobRunner = LocalJobRunner(pipeline, lc, concurrency=concurrency)
+    runner: JobRunner
+    engine_name: str
+    model_name: str | None
+    if settings.runner == "kubernetes":
+        # Jobs run in the cluster's transcriber pods; the gateway needs no Whisper engine.
+        from gateway.runners.kubernetes import KubernetesJobRunner
+
+        runner = KubernetesJobRunner(lc, namespace=settings.kubernetes_namespace)
+        engine_name, model_name = settings.engine, settings.model
+    else:
+        concurrency = settings.concurrency or 1
+        engine = engine or build_engine(settings, concurrency=concurrency)
+        pipeline = Pipeline(lc, blobs, engine, progress_interval=settings.progress_interval)
+        runner = LocalJobRunner(pipeline, lc, concurrency=concurrency)
+        engine_name, model_name = engine.name, engine.model
     services = Services(
         settings=settings,
         db=db,
@@ -43,8 +54,8 @@ def build_services(settings: GatewaySettings, engine: Engine | None = None) -> S
         lifecycle=lc,
         runner=runner,
         code_key=settings.code_key(),
-        engine_name=engine.name,
-        model_name=engine.model,
+        engine_name=engine_name,
+        model_name=model_name,
     )
     services.upload_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return services
@@ -72,7 +83,7 @@ def create_app(settings: GatewaySettings | None = None, *, engine: Engine | None
         lifespan=lifespan,
     )
     errors.install(app)
-    for module in (transcriptions, credits, admin, health):
+    for module in (transcriptions, openai_compat, credits, admin, health):
         app.include_router(module.router)
 
     @app.get("/", include_in_schema=False, response_class=HTMLResponse)

@@ -27,55 +27,79 @@ STATUS: list[tuple[type[e.DomainError], int, str]] = [
     (e.InvalidAudio, 422, "invalid_request_error"),
     (e.IdempotencyKeyReused, 422, "invalid_request_error"),
     (e.InvalidRequest, 400, "invalid_request_error"),
+    (e.EngineUnavailable, 502, "server_error"),
+    (e.TranscriptionFailed, 422, "invalid_request_error"),
+]
+
+#: Where OpenAI's API answers with another status than ours, for the OpenAI-compatible routes.
+OPENAI_STATUS: list[tuple[type[e.DomainError], int, str]] = [
+    (e.CreditError, 429, "insufficient_quota"),
+    (e.UnsupportedMediaType, 400, "invalid_request_error"),
 ]
 
 
-def error_body(message: str, type_: str, code: str, param: str | None = None) -> dict[str, object]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def error_body(
+    message: str, type_: str, code: str, param: str | None = None, **details: str
+) -> dict[str, object]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code, **details}}
 
 
-def status_for(exc: e.DomainError) -> tuple[int, str]:
-    for cls, status, type_ in STATUS:
+def status_for(exc: e.DomainError, *, openai: bool = False) -> tuple[int, str]:
+    for cls, status, type_ in [*(OPENAI_STATUS if openai else []), *STATUS]:
         if isinstance(exc, cls):
             return status, type_
     return 500, "server_error"
 
 
-async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+def openai_dialect(request: Request) -> None:
+    """Route dependency: the route's errors use OpenAI's status codes, and tell the OpenAI SDK
+    not to retry them, since a retried upload would be a second job."""
+    request.state.openai_dialect = True
+
+
+def _headers(request: Request, status: int) -> dict[str, str]:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if getattr(request.state, "openai_dialect", False):
+        headers["x-should-retry"] = "false"
+    return headers
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.DomainError)
-    status, type_ = status_for(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(
-        error_body(exc.message, type_, exc.code, exc.param), status_code=status, headers=headers
-    )
+    status, type_ = status_for(exc, openai=getattr(request.state, "openai_dialect", False))
+    body = error_body(exc.message, type_, exc.code, exc.param, **exc.details())
+    return JSONResponse(body, status_code=status, headers=_headers(request, status))
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     param = ".".join(location) or None
     message = f"{param}: {first.get('msg', 'invalid value')}" if param else "Invalid request."
     return JSONResponse(
-        error_body(message, "invalid_request_error", "invalid_request", param), status_code=400
+        error_body(message, "invalid_request_error", "invalid_request", param),
+        status_code=400,
+        headers=_headers(request, 400),
     )
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return JSONResponse(
         error_body(str(exc.detail), "invalid_request_error", code),
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers={**_headers(request, exc.status_code), **(exc.headers or {})},
     )
 
 
-async def _unexpected_error(_request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(
         error_body("The server hit an unexpected error.", "server_error", "internal_error"),
         status_code=500,
+        headers=_headers(request, 500),
     )
 
 

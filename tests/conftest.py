@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.fixtures.audio",
     "tests.fixtures.gateway",
     "tests.fixtures.server",
+    "tests.fixtures.openai_server",
 ]

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from transcriber.engines.base import Engine
+from transcriber.checkpoints import BlobCheckpoints, checkpoint_prefix
+from transcriber.engines.base import Engine, Mode, is_resumable
 from transcription import lifecycle
 from transcription.blobstore import BlobStore
-from transcription.db.models import Job
+from transcription.db.models import Job, Transcript
 from transcription.errors import DomainError
 from transcription.lifecycle import Lifecycle, TranscriptRecord
 from transcription.transcript import FORMATS, MEDIA_TYPES, TranscriptResult, render
@@ -99,15 +100,55 @@ class Pipeline:
         self._cleanup(job, transcripts=finished is None)
         return finished
 
+    def record(self, job_id: str) -> Transcript | None:
+        """The Job entrypoint's half of ``run``: transcribe and record, leave finishing to the
+        operator. Returns the transcript (an earlier pod's, if one recorded it), or None if the
+        job is finished or was cancelled; a ``DomainError`` is the user's fault and propagates."""
+        job = self.lc.claim(job_id)
+        if job is None:
+            return None
+        recorded = self.lc.transcript(job_id)
+        if recorded is not None:
+            return recorded
+        try:
+            result = self._transcribe(job)
+            uris = self._store(job.id, result)
+        except JobCancelled:
+            log.info("job %s cancelled while running", job_id)
+            self._cleanup(job, transcripts=True)
+            return None
+        except DomainError:
+            self._cleanup(job, transcripts=True)
+            raise
+        transcript = self.lc.record_transcript(
+            job_id,
+            TranscriptRecord(
+                text=result.text,
+                language=result.language,
+                duration_seconds=result.duration,
+                segment_count=len(result.segments),
+                uris=uris,
+                model=result.model or self.engine.model,
+            ),
+        )
+        self._cleanup(job, transcripts=transcript is None)
+        return transcript
+
     def _transcribe(self, job: Job) -> TranscriptResult:
         reporter = ProgressReporter(self.lc, job, self.progress_interval)
+        mode: Mode = "accurate" if job.mode == "accurate" else "fast"
         with self._audio_file(job.audio_key) as path:
+            if is_resumable(self.engine):
+                return self.engine.transcribe(
+                    path,
+                    language=job.language,
+                    prompt=job.prompt,
+                    mode=mode,
+                    on_progress=reporter,
+                    checkpoints=BlobCheckpoints(self.blobs, checkpoint_prefix(job.id)),
+                )
             return self.engine.transcribe(
-                path,
-                language=job.language,
-                prompt=job.prompt,
-                mode="accurate" if job.mode == "accurate" else "fast",
-                on_progress=reporter,
+                path, language=job.language, prompt=job.prompt, mode=mode, on_progress=reporter
             )
 
     @contextmanager
@@ -132,8 +173,10 @@ class Pipeline:
         }
 
     def _cleanup(self, job: Job, *, transcripts: bool) -> None:
-        """The audio is not kept once the job is finished; nor are transcripts nobody will get."""
+        """The audio and checkpoints are not kept once the job is finished; nor are transcripts
+        nobody will get."""
         self.blobs.delete(job.audio_key)
+        self.blobs.delete_prefix(checkpoint_prefix(job.id))
         if transcripts:
             for fmt in FORMATS:
                 self.blobs.delete(lifecycle.transcript_key(job.id, fmt))

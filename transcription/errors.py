@@ -15,6 +15,10 @@ class DomainError(Exception):
         if code is not None:
             self.code = code
 
+    def details(self) -> dict[str, str]:
+        """Fields the error body carries besides message, type, param and code."""
+        return {}
+
 
 class InvalidRequest(DomainError):
     """The request is malformed (a missing or invalid field)."""
@@ -74,6 +78,19 @@ class TranscriptNotReady(Conflict):
     code = "transcript_not_ready"
 
 
+class TranscriptionPending(Conflict):
+    """The job did not finish within the wait of a synchronous request; poll it by its ID."""
+
+    code = "transcription_pending"
+
+    def __init__(self, message: str, *, job_id: str) -> None:
+        super().__init__(message, param=job_id)
+        self.job_id = job_id
+
+    def details(self) -> dict[str, str]:
+        return {"job_id": self.job_id}
+
+
 class IdempotencyKeyInUse(Conflict):
     """The same Idempotency-Key is still being processed by another request."""
 
@@ -118,3 +135,10 @@ class TranscriptionFailed(DomainError):
     """The engine could not transcribe the audio; the job fails and its credit is released."""
 
     code = "transcription_failed"
+
+
+class EngineUnavailable(TranscriptionFailed):
+    """The transcription service (e.g. the OpenAI API) could not be used even after retries:
+    rate limits, outages, timeouts, a refused key. Not the audio's fault."""
+
+    code = "engine_unavailable"

@@ -66,14 +66,17 @@ def issue_code(
     max_uses: int = 1,
     expires_at: datetime | None = None,
     label: str | None = None,
+    code: str | None = None,
+    code_id: str | None = None,
 ) -> IssuedCode:
+    """Mint a code; ``code`` and ``code_id`` let a replayed mint (the operator) reuse its own."""
     if seconds < 1:
         raise InvalidRequest("A code must be worth at least one second.", param="seconds")
     if max_uses < 1:
         raise InvalidRequest("A code must allow at least one use.", param="max_uses")
-    code = generate_code()
+    code = code or generate_code()
     record = CreditCode(
-        id=new_id(CODE_ID_PREFIX),
+        id=code_id or new_id(CODE_ID_PREFIX),
         code_hash=hash_code(code, key),
         hint=code[-4:],
         label=label,

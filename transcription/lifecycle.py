@@ -10,7 +10,8 @@ import logging
 import math
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from transcription import ledger
@@ -83,6 +84,34 @@ def _transition(session: Session, job_id: str, to: JobStatus, **values: object) 
     return job
 
 
+def _add_transcript(session: Session, job_id: str, transcript: TranscriptRecord) -> Transcript:
+    row = Transcript(
+        id=ledger.new_id(TRANSCRIPT_ID_PREFIX),
+        job_id=job_id,
+        text=transcript.text,
+        language=transcript.language,
+        duration_seconds=transcript.duration_seconds,
+        segment_count=transcript.segment_count,
+        uris=transcript.uris,
+        model=transcript.model,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _settle_success(session: Session, job: Job, transcript: Transcript) -> Job:
+    """Charge the audio transcribed (never more than was measured) and release the rest."""
+    charged = math.ceil(min(transcript.duration_seconds, job.audio_seconds) - 1e-6)
+    ledger.settle(session, job.id, max(charged, 0))
+    if transcript.language and not job.language:
+        job.language = transcript.language
+    session.flush()
+    session.refresh(job)
+    log.info("job %s succeeded, charged %s s", job.id, job.charged_seconds)
+    return job
+
+
 def submit(session: Session, new: NewJob) -> Job:
     """Create a queued job and reserve its credit in the caller's transaction."""
     job = Job(
@@ -141,6 +170,67 @@ class Lifecycle:
             )
             return result.rowcount == 1  # type: ignore[attr-defined]
 
+    def claim(self, job_id: str) -> Job | None:
+        """Start a queued job or take over a running one (a retried pod); None once finished."""
+        with self.db.transaction() as session:
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+                )
+                .values(
+                    status=JobStatus.RUNNING.value,
+                    started_at=func.coalesce(Job.started_at, utcnow()),
+                    attempts=Job.attempts + 1,
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+            job = session.get(Job, job_id)
+            assert job is not None
+            session.refresh(job)
+            return job
+
+    def record_transcript(self, job_id: str, transcript: TranscriptRecord) -> Transcript | None:
+        """Store a running job's transcript row without finishing it; a second call keeps the first.
+
+        The Kubernetes runner splits success in two: the transcriber records, the operator
+        completes. None if the job is no longer running (cancelled meanwhile).
+        """
+        try:
+            with self.db.transaction() as session:
+                job = session.get(Job, job_id)
+                if job is None or job.status != JobStatus.RUNNING.value:
+                    return None
+                existing = session.scalar(select(Transcript).where(Transcript.job_id == job_id))
+                if existing is not None:
+                    return existing
+                return _add_transcript(session, job_id, transcript)
+        except IntegrityError:
+            # A second pod of the same Job recorded it first; its transcript stands.
+            with self.db.transaction() as session:
+                return session.scalar(select(Transcript).where(Transcript.job_id == job_id))
+
+    def transcript(self, job_id: str) -> Transcript | None:
+        with self.db.transaction() as session:
+            return session.scalar(select(Transcript).where(Transcript.job_id == job_id))
+
+    def complete(self, job_id: str) -> Job | None:
+        """Finish a job whose transcript is recorded and settle its credit; None if it cannot."""
+        with self.db.transaction() as session:
+            transcript = session.scalar(select(Transcript).where(Transcript.job_id == job_id))
+            if transcript is None:
+                return None
+            job = _transition(
+                session, job_id, JobStatus.SUCCEEDED, progress=1.0, completed_at=utcnow()
+            )
+            if job is None:
+                return None
+            return _settle_success(session, job, transcript)
+
     def succeed(self, job_id: str, transcript: TranscriptRecord) -> Job | None:
         """Record the transcript, mark the job done and settle its credit, atomically."""
         with self.db.transaction() as session:
@@ -149,26 +239,7 @@ class Lifecycle:
             )
             if job is None:
                 return None
-            session.add(
-                Transcript(
-                    id=ledger.new_id(TRANSCRIPT_ID_PREFIX),
-                    job_id=job_id,
-                    text=transcript.text,
-                    language=transcript.language,
-                    duration_seconds=transcript.duration_seconds,
-                    segment_count=transcript.segment_count,
-                    uris=transcript.uris,
-                    model=transcript.model,
-                )
-            )
-            charged = math.ceil(min(transcript.duration_seconds, job.audio_seconds) - 1e-6)
-            ledger.settle(session, job_id, max(charged, 0))
-            if transcript.language and not job.language:
-                job.language = transcript.language
-            session.flush()
-            session.refresh(job)
-            log.info("job %s succeeded, charged %s s", job_id, job.charged_seconds)
-            return job
+            return _settle_success(session, job, _add_transcript(session, job_id, transcript))
 
     def fail(self, job_id: str, *, code: str, message: str) -> Job | None:
         """Mark the job failed and release its whole reservation."""

@@ -81,6 +81,37 @@ class WorkerSettings(CoreSettings):
     progress_interval: float = Field(
         1.0, ge=0, description="Seconds between progress writes to the database."
     )
+    openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("OPENAI_API_KEY", "WHISPER_OPENAI_API_KEY", "openai_api_key"),
+        description="API key of the OpenAI engine (any non-empty value for servers without keys).",
+    )
+    openai_base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices(
+            "OPENAI_BASE_URL", "WHISPER_OPENAI_BASE_URL", "openai_base_url"
+        ),
+        description="Base URL of an OpenAI-compatible server; default: the OpenAI API.",
+    )
+    openai_max_chunk_bytes: int = Field(
+        24 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Largest piece of audio sent in one request (the OpenAI API refuses 25 MiB).",
+    )
+    openai_max_chunk_seconds: float = Field(
+        600.0, ge=10, description="Longest piece of audio sent in one request, in seconds."
+    )
+    openai_parallelism: int = Field(
+        4, ge=1, description="Requests one job sends to the OpenAI engine at once."
+    )
+    openai_max_retries: int = Field(
+        5,
+        ge=0,
+        description="Retries of each request after a 429, 5xx, timeout or connection error.",
+    )
+    openai_timeout: float = Field(
+        300.0, gt=0, description="Seconds to wait for the answer to one request."
+    )
 
 
 class GatewaySettings(WorkerSettings):
@@ -91,9 +122,60 @@ class GatewaySettings(WorkerSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /v1/admin; admin API disabled when unset."
     )
-    runner: Literal["local"] = Field("local", description="Where jobs run.")
+    runner: Literal["local", "kubernetes"] = Field(
+        "local",
+        description="Where jobs run: the in-process pool, or TranscriptionJobs in a cluster.",
+    )
+    kubernetes_namespace: str | None = Field(
+        None,
+        description="Namespace of the TranscriptionJobs (kubernetes runner); default: the pod's own.",
+    )
     concurrency: int = Field(
         0, ge=0, description="Transcriptions run at once by the local runner; 0 = automatic."
     )
     migrate_on_start: bool = Field(True, description="Apply database migrations at startup.")
     idempotency_ttl_hours: int = Field(24, ge=24, description="How long Idempotency-Keys live.")
+    sync_wait_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="How long POST /v1/audio/transcriptions waits for its job before answering "
+        "with the job ID to poll.",
+    )
+
+
+class OperatorSettings(CoreSettings):
+    """Settings of the kopf operator and of the transcriber Jobs it creates."""
+
+    max_running_jobs: int = Field(
+        4, ge=0, description="Transcriber Jobs running at once; the rest wait Queued (0 = no cap)."
+    )
+    transcriber_image: str = Field(
+        "whisper-transcriber:latest", description="Container image of the transcriber Job."
+    )
+    transcriber_env_secret: str | None = Field(
+        "whisper-transcriber",
+        description="Secret whose keys become the transcriber's environment (DATABASE_URL, …).",
+    )
+    transcriber_service_account: str = Field(
+        "whisper-transcriber", description="Service account the transcriber pods run as."
+    )
+    job_backoff_limit: int = Field(2, ge=0, description="Retries of a Job whose pod crashed.")
+    job_deadline_seconds: int = Field(
+        3 * 3600, ge=60, description="activeDeadlineSeconds of a transcriber Job."
+    )
+    job_ttl_seconds: int = Field(
+        3600, ge=0, description="How long a finished Job and its pods are kept."
+    )
+    job_cpu_request: str = Field("1", description="CPU request of a transcriber pod.")
+    job_memory_request: str = Field("1Gi", description="Memory request of a transcriber pod.")
+    job_cpu_limit: str = Field("2", description="CPU limit of a transcriber pod.")
+    job_memory_limit: str = Field("3Gi", description="Memory limit of a transcriber pod.")
+    kueue_queue_name: str | None = Field(
+        None, description="Kueue LocalQueue for the Jobs; they start suspended when set."
+    )
+    namespace: str | None = Field(
+        None, description="Namespace the operator watches; every namespace when unset."
+    )
+    admission_interval: float = Field(
+        10.0, gt=0, description="Seconds between admission passes besides the event-driven ones."
+    )

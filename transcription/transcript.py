@@ -18,12 +18,17 @@ MEDIA_TYPES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class Segment:
-    """One timed piece of text; times are seconds from the start of the audio."""
+    """One timed piece of text; times are seconds from the start of the audio. The decoder's
+    confidence figures are kept when the engine reports them (OpenAI's ``verbose_json`` has them)."""
 
     id: int
     start: float
     end: float
     text: str
+    temperature: float | None = None
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
+    no_speech_prob: float | None = None
 
 
 @dataclass
@@ -80,7 +85,7 @@ def to_json(result: TranscriptResult) -> str:
         "mode": result.mode,
         "segments": [
             {
-                **asdict(s),
+                **{k: v for k, v in asdict(s).items() if v is not None},
                 "start": round(s.start, 3),
                 "end": round(s.end, 3),
                 "text": s.text.strip(),

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -15,18 +12,14 @@ from sqlalchemy import select
 from gateway.deps import CodeDep, ServicesDep, SessionDep
 from gateway.schemas import ErrorResponse, ListResponse, TranscriptionOut
 from gateway.services import Services
-from gateway.uploads import Upload, receive_upload
-from transcription import idempotency, ledger, lifecycle
-from transcription.audio import AudioInfo, probe_mp3
+from gateway.submission import accept_upload, cancel_job, job_options
+from transcription import lifecycle
 from transcription.db.models import CreditCode, Job, Transcript
 from transcription.errors import InvalidRequest, NotFound, TranscriptNotReady
-from transcription.states import JobStatus, Mode
+from transcription.states import JobStatus
 from transcription.transcript import FORMATS, MEDIA_TYPES
 
 router = APIRouter(prefix="/v1/transcriptions", tags=["transcriptions"])
-
-LANGUAGE = re.compile(r"^[a-z]{2,3}$")
-MAX_PROMPT_CHARS = 2000
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 402, 404, 409, 413, 415, 422)
@@ -73,72 +66,6 @@ def list_jobs(
     )
 
 
-def _options(upload: Upload, services: Services) -> dict[str, str | None]:
-    language = (upload.field("language") or "").strip().lower() or None
-    if language is not None and not LANGUAGE.match(language):
-        raise InvalidRequest(
-            "language must be an ISO-639-1 code such as 'en' or 'de'.", param="language"
-        )
-    model = services.model_name or ""
-    if language not in (None, "en") and model.endswith(".en"):
-        raise InvalidRequest(
-            f"The model {model} transcribes English only; omit language or use 'en'.",
-            param="language",
-        )
-    prompt = upload.field("prompt") or None
-    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(f"prompt is limited to {MAX_PROMPT_CHARS} characters.", param="prompt")
-    mode = (upload.field("mode") or Mode.FAST.value).strip().lower()
-    if mode not in {m.value for m in Mode}:
-        raise InvalidRequest("mode must be 'fast' or 'accurate'.", param="mode")
-    return {"language": language, "prompt": prompt, "mode": mode}
-
-
-def _request_hash(upload: Upload, options: dict[str, str | None]) -> str:
-    canonical = json.dumps({"file": upload.sha256, **options}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _create_job(
-    services: Services,
-    code: CreditCode,
-    upload: Upload,
-    info: AudioInfo,
-    options: dict[str, str | None],
-    owned: idempotency.Claim | None,
-    request_hash: str,
-) -> Job:
-    """Store the audio, then create the job and reserve credit in one transaction."""
-    assert upload.path is not None
-    job_id = lifecycle.new_job_id()
-    key = lifecycle.audio_key(job_id)
-    services.blobs.put_file(key, upload.path, content_type="audio/mpeg")
-    try:
-        with services.db.transaction() as session:
-            job = lifecycle.submit(
-                session,
-                lifecycle.NewJob(
-                    job_id=job_id,
-                    code_id=code.id,
-                    audio_key=key,
-                    audio_bytes=upload.size,
-                    audio_seconds=info.duration,
-                    filename=upload.filename,
-                    language=options["language"],
-                    prompt=options["prompt"],
-                    mode=options["mode"] or Mode.FAST.value,
-                    engine=services.engine_name,
-                    model=services.model_name,
-                ),
-            )
-            if owned is not None:
-                idempotency.complete(session, owned, job.id, request_hash)
-    except BaseException:
-        services.blobs.delete(key)
-        raise
-    return job
-
-
 @router.post(
     "",
     status_code=202,
@@ -173,44 +100,18 @@ async def create_transcription(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> TranscriptionOut:
     """Upload an mp3 (multipart field ``file``); credit for its length is reserved at once."""
-    ttl = timedelta(hours=services.settings.idempotency_ttl_hours)
-    state = (
-        await run_in_threadpool(idempotency.claim, services.db, code.id, idempotency_key, ttl)
-        if idempotency_key is not None
-        else None
+    accepted = await accept_upload(
+        request,
+        services,
+        code,
+        idempotency_key,
+        lambda upload: (job_options(upload, services), None),
     )
-    owned = state if isinstance(state, idempotency.Claim) else None
-    upload: Upload | None = None
-    try:
-        if owned is not None or state is None:
-            ledger.ensure_usable(code)
-        upload = await receive_upload(
-            request,
-            tmp_dir=services.upload_dir,
-            max_bytes=services.settings.max_upload_bytes,
-        )
-        options = _options(upload, services)
-        request_hash = _request_hash(upload, options)
-        if isinstance(state, idempotency.Replay):
-            job_id = idempotency.check_replay(state, request_hash)
-            response.headers["Idempotent-Replayed"] = "true"
-            return await run_in_threadpool(_load, services, code, job_id)
-        assert upload.path is not None
-        info = await run_in_threadpool(
-            probe_mp3, upload.path, max_seconds=services.settings.max_audio_seconds
-        )
-        job = await run_in_threadpool(
-            _create_job, services, code, upload, info, options, owned, request_hash
-        )
-        owned = None
-    finally:
-        if upload is not None:
-            upload.discard()
-        if owned is not None:
-            await run_in_threadpool(idempotency.abandon, services.db, owned)
-    services.runner.submit(job.id)
-    response.headers["Location"] = f"/v1/transcriptions/{job.id}"
-    return TranscriptionOut.build(job)
+    if accepted.job is None:
+        response.headers["Idempotent-Replayed"] = "true"
+        return await run_in_threadpool(_load, services, code, accepted.job_id)
+    response.headers["Location"] = f"/v1/transcriptions/{accepted.job_id}"
+    return TranscriptionOut.build(accepted.job)
 
 
 def _load(services: Services, code: CreditCode, job_id: str) -> TranscriptionOut:
@@ -287,10 +188,8 @@ def delete_transcription(services: ServicesDep, code: CodeDep, job_id: str) -> T
     with services.db.transaction() as session:
         job, _ = find_job(session, code, job_id)
     if not JobStatus(job.status).finished:
-        cancelled = services.lifecycle.cancel(job_id)
+        cancelled = cancel_job(services, job_id)
         if cancelled is not None:
-            services.runner.cancel(job_id)
-            services.blobs.delete(cancelled.audio_key)
             return TranscriptionOut.build(cancelled)
     services.blobs.delete(job.audio_key)
     for fmt in FORMATS:

@@ -1,1 +1,5 @@
-"""kopf operator for TranscriptionJob and CreditCode resources (see issue: Kubernetes plane)."""
+"""kopf operator for TranscriptionJob and CreditCode resources: ``kopf run -m transcription_operator``."""
+
+from transcription_operator import handlers
+
+__all__ = ["handlers"]

@@ -347,9 +347,12 @@ def test_max_uses_check_sees_uses_made_in_the_same_transaction(db: Database) -> 
             ledger.set_max_uses(session, record.id, 1)
 
 
-@pytest.mark.parametrize(
-    "assignment",
-    [
+def test_check_constraints_reject_a_direct_overspend(db: Database) -> None:
+    """Even an UPDATE that bypasses the ledger cannot break the budget or use limits."""
+    code_id = issue(db, 100, max_uses=2).record.id
+    submit_job(db, code_id, 40)
+    before = counters(db, code_id)
+    for assignment in [
         "spent_seconds = budget_seconds + 1",
         "reserved_seconds = budget_seconds - spent_seconds + 1",
         "reserved_seconds = -1",
@@ -357,15 +360,13 @@ def test_max_uses_check_sees_uses_made_in_the_same_transaction(db: Database) -> 
         "uses = max_uses + 1",
         "uses = -1",
         "max_uses = 0",
-    ],
-)
-def test_check_constraints_reject_a_direct_overspend(db: Database, assignment: str) -> None:
-    """Even an UPDATE that bypasses the ledger cannot break the budget or use limits."""
-    code_id = issue(db, 100, max_uses=2).record.id
-    submit_job(db, code_id, 40)
-    before = counters(db, code_id)
-    with pytest.raises(IntegrityError), db.transaction() as session:
-        session.execute(
-            text(f"UPDATE credit_codes SET {assignment} WHERE id = :id"), {"id": code_id}
-        )
+    ]:
+        try:
+            with db.transaction() as session:
+                session.execute(
+                    text(f"UPDATE credit_codes SET {assignment} WHERE id = :id"), {"id": code_id}
+                )
+        except IntegrityError:
+            continue
+        pytest.fail(f"the database accepted SET {assignment}")
     assert counters(db, code_id) == before

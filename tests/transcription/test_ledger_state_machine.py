@@ -15,11 +15,9 @@ import psycopg
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    Bundle,
     RuleBasedStateMachine,
     initialize,
     invariant,
-    multiple,
     precondition,
     rule,
 )
@@ -44,6 +42,8 @@ from transcription.lifecycle import Lifecycle, submit
 from transcription.states import CreditState, JobStatus
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+#: Few codes per example, so operations meet on the same code and invariants stay cheap.
+MAX_CODES = 4
 
 
 @dataclass
@@ -82,18 +82,26 @@ class JobModel:
     charged: int | None = None
 
 
+def has_jobs(machine: LedgerMachine) -> bool:
+    return bool(machine.job_models)
+
+
+def has_resolved_jobs(machine: LedgerMachine) -> bool:
+    return any(job.credit is not CreditState.HELD for job in machine.job_models.values())
+
+
 @settings(
-    max_examples=25,
+    max_examples=20,
     stateful_step_count=30,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 class LedgerMachine(RuleBasedStateMachine):
-    """Each example runs in a fresh PostgreSQL schema, dropped at teardown."""
+    """Each example runs in a fresh PostgreSQL schema, dropped at teardown.
 
-    codes = Bundle("codes")
-    jobs = Bundle("jobs")
+    Codes and jobs are drawn from the model in creation order, so an example replays exactly.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,6 +118,19 @@ class LedgerMachine(RuleBasedStateMachine):
         self.db.dispose()
         with psycopg.connect(PG_DSN, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{self.schema}" CASCADE')
+
+    def _pick_code(self, data: st.DataObject) -> tuple[str, CodeModel]:
+        code_id = data.draw(st.sampled_from(list(self.code_models)), label="code")
+        return code_id, self.code_models[code_id]
+
+    def _pick_job(self, data: st.DataObject, *, resolved: bool = False) -> tuple[str, JobModel]:
+        job_ids = [
+            job_id
+            for job_id, job in self.job_models.items()
+            if not resolved or job.credit is not CreditState.HELD
+        ]
+        job_id = data.draw(st.sampled_from(job_ids), label="job")
+        return job_id, self.job_models[job_id]
 
     def _resolved(self, job: JobModel, to: CreditState, charged: int) -> None:
         code = self.code_models[job.code_id]
@@ -130,20 +151,21 @@ class LedgerMachine(RuleBasedStateMachine):
             self._resolved(job, CreditState.RELEASED, 0)
         assert (result.status, result.credit_state) == (to, job.credit)
 
-    @initialize(target=codes, seconds=st.integers(60, 1200), max_uses=st.integers(1, 4))
-    def first_code(self, seconds: int, max_uses: int) -> str:
-        return self.issue_code(seconds, max_uses)
+    @initialize(seconds=st.integers(60, 1200), max_uses=st.integers(1, 6))
+    def first_code(self, seconds: int, max_uses: int) -> None:
+        self.issue_code(seconds, max_uses)
 
-    @rule(target=codes, seconds=st.integers(1, 600), max_uses=st.integers(1, 4))
-    def issue_code(self, seconds: int, max_uses: int) -> str:
+    @precondition(lambda self: len(self.code_models) < MAX_CODES)
+    @rule(seconds=st.integers(1, 600), max_uses=st.integers(1, 6))
+    def issue_code(self, seconds: int, max_uses: int) -> None:
         with self.db.transaction() as session:
             code_id = ledger.issue_code(session, KEY, seconds=seconds, max_uses=max_uses).record.id
         self.code_models[code_id] = CodeModel(budget=seconds, max_uses=max_uses)
-        return code_id
 
-    @rule(target=jobs, code_id=codes, centiseconds=st.integers(1, 12_000))
-    def submit(self, code_id: str, centiseconds: int) -> object:
-        code = self.code_models[code_id]
+    @rule(data=st.data())
+    def submit(self, data: st.DataObject) -> None:
+        code_id, code = self._pick_code(data)
+        centiseconds = data.draw(st.integers(1, 12_000), label="centiseconds")
         seconds = -(-centiseconds // 100)
         expected = code.refusal(seconds)
         try:
@@ -153,16 +175,16 @@ class LedgerMachine(RuleBasedStateMachine):
             assert type(exc) is expected
             if expected is InsufficientCredit:
                 assert re.search(rf"\b{code.budget - code.spent - code.reserved} s\b", str(exc))
-            return multiple()
+            return
         assert expected is None, f"accepted, but the model expected {expected.__name__}"
         code.reserved += seconds
         code.uses += 1
         self.job_models[job_id] = JobModel(code_id=code_id, reserved=seconds)
-        return job_id
 
-    @rule(job_id=jobs)
-    def start(self, job_id: str) -> None:
-        job = self.job_models[job_id]
+    @precondition(has_jobs)
+    @rule(data=st.data())
+    def start(self, data: st.DataObject) -> None:
+        job_id, job = self._pick_job(data)
         result = self.lifecycle.start(job_id)
         if job.status is not JobStatus.QUEUED:
             assert result is None
@@ -171,9 +193,11 @@ class LedgerMachine(RuleBasedStateMachine):
         assert result.status == JobStatus.RUNNING
         job.status = JobStatus.RUNNING
 
-    @rule(job_id=jobs, charged=st.integers(0, 700))
-    def settle(self, job_id: str, charged: int) -> None:
-        job = self.job_models[job_id]
+    @precondition(has_jobs)
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        job_id, job = self._pick_job(data)
+        charged = data.draw(st.integers(0, 2 * job.reserved), label="charged")
         with self.db.transaction() as session:
             result = ledger.settle(session, job_id, charged)
         if job.credit is not CreditState.HELD:
@@ -182,58 +206,57 @@ class LedgerMachine(RuleBasedStateMachine):
         assert result == min(charged, job.reserved)
         self._resolved(job, CreditState.SETTLED, result)
 
-    @rule(job_id=jobs)
-    def release(self, job_id: str) -> None:
-        job = self.job_models[job_id]
+    @precondition(has_jobs)
+    @rule(data=st.data(), how=st.sampled_from(["release", "fail", "cancel"]))
+    def abandon(self, data: st.DataObject, how: str) -> None:
+        """End a job without charging: release its credit directly, fail it or cancel it."""
+        job_id, job = self._pick_job(data)
+        if how == "release":
+            with self.db.transaction() as session:
+                released = ledger.release(session, job_id)
+            assert released is (job.credit is CreditState.HELD)
+            if released:
+                self._resolved(job, CreditState.RELEASED, 0)
+        elif how == "fail":
+            result = self.lifecycle.fail(job_id, code="engine_error", message="The engine crashed.")
+            self._finished(job, JobStatus.FAILED, result)
+        else:
+            self._finished(job, JobStatus.CANCELLED, self.lifecycle.cancel(job_id))
+
+    @precondition(has_resolved_jobs)
+    @rule(data=st.data(), how=st.sampled_from(["settle", "release"]))
+    def replay(self, data: st.DataObject, how: str) -> None:
+        """Settling or releasing an already resolved reservation is a no-op."""
+        job_id, _ = self._pick_job(data, resolved=True)
         with self.db.transaction() as session:
-            result = ledger.release(session, job_id)
-        assert result is (job.credit is CreditState.HELD)
-        if result:
-            self._resolved(job, CreditState.RELEASED, 0)
+            if how == "settle":
+                assert ledger.settle(session, job_id, 10_000) is None
+            else:
+                assert ledger.release(session, job_id) is False
 
-    @rule(job_id=jobs)
-    def fail(self, job_id: str) -> None:
-        result = self.lifecycle.fail(job_id, code="engine_error", message="The engine crashed.")
-        self._finished(self.job_models[job_id], JobStatus.FAILED, result)
-
-    @rule(job_id=jobs)
-    def cancel(self, job_id: str) -> None:
-        self._finished(self.job_models[job_id], JobStatus.CANCELLED, self.lifecycle.cancel(job_id))
-
-    @precondition(
-        lambda self: any(j.credit is not CreditState.HELD for j in self.job_models.values())
-    )
-    @rule(data=st.data())
-    def replay_resolution(self, data: st.DataObject) -> None:
-        resolved = sorted(i for i, j in self.job_models.items() if j.credit is not CreditState.HELD)
-        job_id = data.draw(st.sampled_from(resolved))
+    @rule(data=st.data(), how=st.sampled_from(["revoke", "expire", "renew"]))
+    def retire(self, data: st.DataObject, how: str) -> None:
+        """Revoke the code, move its expiry a second into the past, or lift its expiry."""
+        code_id, code = self._pick_code(data)
         with self.db.transaction() as session:
-            assert ledger.settle(session, job_id, 10_000) is None
-            assert ledger.release(session, job_id) is False
-
-    @rule(code_id=codes, revoke=st.booleans())
-    def retire(self, code_id: str, revoke: bool) -> None:
-        """Revoke the code, or move its expiry into the past."""
-        with self.db.transaction() as session:
-            if revoke:
+            if how == "revoke":
                 assert ledger.revoke(session, code_id).revoked_at is not None
             else:
-                ledger.set_expiry(session, code_id, utcnow() - timedelta(seconds=1))
-        if revoke:
-            self.code_models[code_id].revoked = True
-        else:
-            self.code_models[code_id].expired = True
+                past = utcnow() - timedelta(seconds=1)
+                ledger.set_expiry(session, code_id, past if how == "expire" else None)
+        code.revoked = code.revoked or how == "revoke"
+        code.expired = how == "expire" or (code.expired and how == "revoke")
 
-    @rule(code_id=codes, seconds=st.integers(1, 300))
-    def top_up(self, code_id: str, seconds: int) -> None:
-        code = self.code_models[code_id]
+    @rule(data=st.data(), seconds=st.integers(1, 300))
+    def top_up(self, data: st.DataObject, seconds: int) -> None:
+        code_id, code = self._pick_code(data)
         with self.db.transaction() as session:
             assert ledger.top_up(session, code_id, seconds).budget_seconds == code.budget + seconds
         code.budget += seconds
 
-    @rule(code_id=codes, max_uses=st.integers(1, 5))
-    def set_max_uses(self, code_id: str, max_uses: int) -> None:
-        code = self.code_models[code_id]
+    @rule(data=st.data(), max_uses=st.integers(1, 8))
+    def set_max_uses(self, data: st.DataObject, max_uses: int) -> None:
+        code_id, code = self._pick_code(data)
         try:
             with self.db.transaction() as session:
                 ledger.set_max_uses(session, code_id, max_uses)

@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import os
 
-from transcriber.engines.base import Engine, Mode, ProgressCallback
+from transcriber.engines.base import (
+    Checkpoints,
+    Engine,
+    Mode,
+    ProgressCallback,
+    ResumableEngine,
+    is_resumable,
+)
 from transcription.settings import WorkerSettings
 
-__all__ = ["Engine", "Mode", "ProgressCallback", "build_engine", "default_threads"]
+__all__ = [
+    "Checkpoints",
+    "Engine",
+    "Mode",
+    "ProgressCallback",
+    "ResumableEngine",
+    "build_engine",
+    "default_threads",
+    "is_resumable",
+]
 
 
 def default_threads(concurrency: int = 1) -> int:
@@ -17,9 +33,31 @@ def default_threads(concurrency: int = 1) -> int:
 
 
 def build_engine(settings: WorkerSettings, *, concurrency: int = 1) -> Engine:
+    """The engine ``settings`` choose; the OpenAI engine refuses to start without an API key."""
     if settings.engine == "openai":
-        raise NotImplementedError(
-            "The OpenAI engine is not available yet; use WHISPER_ENGINE=local."
+        if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value():
+            raise ValueError(
+                "WHISPER_ENGINE=openai needs OPENAI_API_KEY (any non-empty value for an "
+                "OpenAI-compatible server that takes no key)."
+            )
+        try:
+            from transcriber.engines.openai import OpenAIEngine
+        except ImportError as exc:
+            if exc.name not in ("openai", "numpy"):
+                raise
+            raise ImportError(
+                "The OpenAI engine needs the openai package: "
+                "pip install 'whisper-transcription-service[openai]'"
+            ) from exc
+        return OpenAIEngine(
+            settings.model,
+            api_key=settings.openai_api_key.get_secret_value(),
+            base_url=settings.openai_base_url,
+            max_chunk_bytes=settings.openai_max_chunk_bytes,
+            max_chunk_seconds=settings.openai_max_chunk_seconds,
+            parallelism=settings.openai_parallelism,
+            max_retries=settings.openai_max_retries,
+            timeout=settings.openai_timeout,
         )
     from transcriber.engines.local import LocalEngine
 

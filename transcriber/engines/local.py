@@ -148,7 +148,16 @@ class LocalEngine:
         processed = 0.0
         for piece in _guarded(pieces, audio):
             segments.append(
-                Segment(id=len(segments), start=piece.start, end=piece.end, text=piece.text.strip())
+                Segment(
+                    id=len(segments),
+                    start=piece.start,
+                    end=piece.end,
+                    text=piece.text.strip(),
+                    temperature=piece.temperature,
+                    avg_logprob=piece.avg_logprob,
+                    compression_ratio=piece.compression_ratio,
+                    no_speech_prob=piece.no_speech_prob,
+                )
             )
             processed = max(processed, min(piece.end, info.duration))
             if on_progress is not None:

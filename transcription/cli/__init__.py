@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from transcription.cli import codes, db, serve, submit
+from transcription.cli import cluster, codes, db, serve, submit
 
 app = typer.Typer(
     name="whisperctl",
@@ -16,6 +16,8 @@ app.add_typer(codes.app, name="codes")
 app.add_typer(db.app, name="db")
 app.command("serve")(serve.serve)
 app.command("submit")(submit.submit)
+app.command("operator")(cluster.operator)
+app.command("transcribe-job")(cluster.transcribe_job)
 
 
 def main() -> None:

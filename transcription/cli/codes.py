@@ -23,6 +23,7 @@ app = typer.Typer(help="Issue and manage credit codes.", no_args_is_help=True)
 
 DURATION = re.compile(r"^(\d+)([smhdw])$")
 UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+MAX_LABEL_CHARS = 200  # the credit_codes.label column, and the admin API's limit
 
 
 def parse_expiry(value: str | None) -> datetime | None:
@@ -122,6 +123,8 @@ def create(
     from transcription import ledger
 
     expires_at = parse_expiry(expires)
+    if label is not None and len(label) > MAX_LABEL_CHARS:
+        raise typer.BadParameter(f"at most {MAX_LABEL_CHARS} characters", param_hint="--label")
     with _session(data_dir) as (session, key):
         issued = [
             ledger.issue_code(

@@ -11,6 +11,7 @@ import typer
 
 FORMATS = ("txt", "srt", "vtt", "json")
 FINISHED = ("succeeded", "failed", "cancelled")
+RECONNECT_SECONDS = 120.0
 
 
 class _ProgressReader:
@@ -68,6 +69,7 @@ def submit(
 ) -> None:
     """Upload FILE; with --wait or -o, show progress and write the transcript."""
     import httpx
+    from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     if fmt not in FORMATS:
@@ -84,7 +86,8 @@ def submit(
         TimeRemainingColumn(),
         disable=quiet,
         transient=True,
-        console=None,
+        # Progress goes to stderr: stdout carries only the job ID or the transcript, for scripts.
+        console=Console(stderr=True),
     )
     with httpx.Client(
         base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60, read=600)
@@ -112,7 +115,7 @@ def submit(
         if not (wait or output):
             typer.echo(job["id"])
             return
-        job = _follow(client, job, quiet)
+        job = _follow(client, job, progress.console, quiet)
         if job["status"] != "succeeded":
             error = job.get("error") or {}
             typer.echo(
@@ -121,7 +124,7 @@ def submit(
                 err=True,
             )
             raise typer.Exit(1)
-        transcript = client.get(f"/v1/transcriptions/{job['id']}/transcript.{fmt}")
+        transcript = _get(client, f"/v1/transcriptions/{job['id']}/transcript.{fmt}", job["id"])
         if transcript.status_code != 200:
             raise _fail(transcript)
     if output is None:
@@ -131,7 +134,27 @@ def submit(
         typer.echo(f"transcript saved to {output} ({job['charged_seconds']} s charged)", err=True)
 
 
-def _follow(client: Any, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
+def _get(client: Any, path: str, job_id: str) -> Any:
+    """GET ``path``, riding out a restart of the service: connection errors are retried for
+    ``RECONNECT_SECONDS`` (the job is durable and resumes when the service is back)."""
+    import httpx
+
+    deadline = time.monotonic() + RECONNECT_SECONDS
+    while True:
+        try:
+            return client.get(path)
+        except httpx.TransportError as exc:
+            if time.monotonic() > deadline:
+                typer.echo(
+                    f"error: lost contact with the service ({exc}); job {job_id} carries on "
+                    f"there: fetch it later from /v1/transcriptions/{job_id}",
+                    err=True,
+                )
+                raise typer.Exit(2) from exc
+            time.sleep(1.0)
+
+
+def _follow(client: Any, job: dict[str, Any], console: Any, quiet: bool) -> dict[str, Any]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
@@ -141,13 +164,14 @@ def _follow(client: Any, job: dict[str, Any], quiet: bool) -> dict[str, Any]:
         TimeElapsedColumn(),
         disable=quiet,
         transient=True,
+        console=console,
     ) as bar:
         task = bar.add_task("queued", total=1.0)
         delay = 0.25
         while job["status"] not in FINISHED:
             time.sleep(delay)
             delay = min(delay * 1.5, 2.0)
-            response = client.get(f"/v1/transcriptions/{job['id']}")
+            response = _get(client, f"/v1/transcriptions/{job['id']}", job["id"])
             if response.status_code != 200:
                 raise _fail(response)
             job = response.json()

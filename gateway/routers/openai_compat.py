@@ -1,0 +1,260 @@
+"""The OpenAI-compatible API: ``POST /v1/audio/transcriptions`` and ``GET /v1/models``, so code
+written for the OpenAI SDK works with a credit code as its API key.
+
+A request runs the normal job (same intake, credit and idempotency rules) and waits for it. Past
+``sync_wait_seconds`` it answers ``409 transcription_pending`` with the job's ID (in ``param``
+and ``job_id``) to poll at ``/v1/transcriptions/{id}``; the job goes on. A caller that hangs up
+before the answer cancels its job, which refunds it: the OpenAI SDK sends no idempotency key of
+its own, so its retry after a timeout is a new upload, and must not pay twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from gateway.deps import CodeDep, ServicesDep
+from gateway.errors import openai_dialect
+from gateway.routers.transcriptions import find_job
+from gateway.schemas import ErrorResponse
+from gateway.services import Services
+from gateway.submission import JobOptions, accept_upload, cancel_job, job_options
+from gateway.uploads import Upload
+from transcription import lifecycle
+from transcription.db.models import Job, Transcript
+from transcription.errors import (
+    Conflict,
+    DomainError,
+    EngineUnavailable,
+    InvalidRequest,
+    NotFound,
+    TranscriptionFailed,
+    TranscriptionPending,
+)
+from transcription.states import JobStatus
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(openai_dialect)])
+
+DEFAULT_MODEL = "whisper-1"
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+GRANULARITIES = ("timestamp_granularities[]", "timestamp_granularities")
+CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the access log does
+_POLL_FIRST, _POLL_MAX = 0.05, 1.0
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 409, 413, 422, 429, 502)
+}
+
+
+@dataclass(frozen=True)
+class Form:
+    """The OpenAI-only fields of the form; the rest become the job's options."""
+
+    model: str
+    response_format: str
+
+
+def accepted_models(services: Services) -> list[str]:
+    """``whisper-1`` (what OpenAI code asks for: this service's model) and the model's own name."""
+    return list(dict.fromkeys(m for m in (DEFAULT_MODEL, services.model_name) if m))
+
+
+def parse_form(upload: Upload, services: Services) -> tuple[JobOptions, Form]:
+    """Check the OpenAI fields (refusing what this service cannot honour) and the job's."""
+    model = (upload.field("model") or DEFAULT_MODEL).strip()
+    models = accepted_models(services)
+    if model not in models:
+        raise InvalidRequest(
+            f"The model {model!r} does not exist here; use one of: {', '.join(models)}.",
+            param="model",
+            code="model_not_found",
+        )
+    response_format = (upload.field("response_format") or "json").strip().lower()
+    if response_format not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            f"response_format must be one of {', '.join(RESPONSE_FORMATS)}.",
+            param="response_format",
+        )
+    temperature = upload.field("temperature")
+    if temperature is not None and temperature.strip():
+        try:
+            value = float(temperature)
+        except ValueError:
+            value = -1.0
+        if not 0.0 <= value <= 1.0:
+            raise InvalidRequest("temperature must be a number from 0 to 1.", param="temperature")
+    granularities = {g.strip() for name in GRANULARITIES for g in upload.fields.get(name, [])}
+    if granularities - {"segment"}:
+        raise InvalidRequest(
+            "Only segment timestamps are available; ask for timestamp_granularities[]=segment.",
+            param="timestamp_granularities[]",
+        )
+    if (upload.field("stream") or "").strip().lower() == "true":
+        raise InvalidRequest("Streaming transcriptions are not available.", param="stream")
+    return job_options(upload, services), Form(model, response_format)
+
+
+@router.post(
+    "/audio/transcriptions",
+    responses={
+        **ERRORS,
+        200: {"content": {"application/json": {}, "text/plain": {}}},
+    },
+    response_class=Response,
+    summary="Transcribe an mp3 and wait for it (OpenAI-compatible)",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary"},
+                            "model": {"type": "string", "example": DEFAULT_MODEL},
+                            "language": {"type": "string", "example": "en"},
+                            "prompt": {"type": "string"},
+                            "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS)},
+                            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+                            "timestamp_granularities[]": {
+                                "type": "array",
+                                "items": {"type": "string", "enum": ["segment"]},
+                            },
+                            "mode": {"type": "string", "enum": ["fast", "accurate"]},
+                        },
+                    }
+                }
+            },
+        }
+    },
+)
+async def create_transcription(
+    request: Request,
+    services: ServicesDep,
+    code: CodeDep,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> Response:
+    """Upload an mp3 with the credit code as bearer token; answers with the transcript in the
+    requested ``response_format`` when the job is done. ``temperature`` is accepted and left to
+    the engine's own decoding."""
+    accepted = await accept_upload(
+        request, services, code, idempotency_key, lambda upload: parse_form(upload, services)
+    )
+    finished = await _wait(request, services, accepted.job_id)
+    if finished is None:
+        await run_in_threadpool(cancel_job, services, accepted.job_id)
+        return Response(status_code=CLIENT_CLOSED)
+    job, transcript = finished
+    if job.status != JobStatus.SUCCEEDED.value or transcript is None:
+        raise _outcome_error(job)
+    return await run_in_threadpool(_render, services, job, transcript, accepted.form)
+
+
+async def _wait(
+    request: Request, services: Services, job_id: str
+) -> tuple[Job, Transcript | None] | None:
+    """Poll the job until it finishes; None if the caller hung up first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + services.settings.sync_wait_seconds
+    delay = _POLL_FIRST
+    while True:
+        job, transcript = await run_in_threadpool(_fetch, services, job_id)
+        if JobStatus(job.status).finished:
+            return job, transcript
+        if await request.is_disconnected():
+            return None
+        left = deadline - loop.time()
+        if left <= 0:
+            raise TranscriptionPending(
+                f"The transcription {job_id} is still {job.status} after "
+                f"{services.settings.sync_wait_seconds:g} s; it goes on: poll "
+                f"GET /v1/transcriptions/{job_id} for its result.",
+                job_id=job_id,
+            )
+        await asyncio.sleep(min(delay, left))
+        delay = min(delay * 2, _POLL_MAX)
+
+
+def _fetch(services: Services, job_id: str) -> tuple[Job, Transcript | None]:
+    with services.db.transaction() as session:
+        return find_job(session, None, job_id)
+
+
+def _outcome_error(job: Job) -> DomainError:
+    """The error that reports an unsuccessful job, keeping its code and naming it."""
+    if job.status == JobStatus.CANCELLED.value:
+        return Conflict(
+            f"The transcription {job.id} was cancelled; its credit was refunded.",
+            param=job.id,
+            code="transcription_cancelled",
+        )
+    message = f"{job.error_message or 'The transcription failed.'} (job {job.id}; refunded)"
+    error_code = job.error_code or "transcription_failed"
+    if error_code.startswith("engine_"):
+        return EngineUnavailable(message, param=job.id, code=error_code)
+    if error_code == "internal_error":
+        return DomainError(message, param=job.id, code=error_code)
+    return TranscriptionFailed(message, param=job.id, code=error_code)
+
+
+def _render(services: Services, job: Job, transcript: Transcript, form: Form) -> Response:
+    fmt = form.response_format
+    if fmt in ("text", "srt", "vtt"):
+        key = lifecycle.transcript_key(job.id, "txt" if fmt == "text" else fmt)
+        return PlainTextResponse(services.blobs.get_bytes(key).decode())
+    usage = {"type": "duration", "seconds": job.charged_seconds or 0}
+    if fmt == "json":
+        return JSONResponse({"text": transcript.text, "usage": usage})
+    stored = json.loads(services.blobs.get_bytes(lifecycle.transcript_key(job.id, "json")))
+    return JSONResponse(
+        {
+            "task": "transcribe",
+            "language": transcript.language or "",
+            "duration": transcript.duration_seconds,
+            "text": transcript.text,
+            "segments": [_segment(s) for s in stored.get("segments", [])],
+            "usage": usage,
+        }
+    )
+
+
+def _segment(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored segment in OpenAI's shape; figures the engine did not report are null, and
+    ``seek`` is the start in Whisper's 10 ms frames."""
+    return {
+        "id": stored["id"],
+        "seek": round(stored["start"] * 100),
+        "start": stored["start"],
+        "end": stored["end"],
+        "text": stored["text"],
+        "tokens": [],
+        "temperature": stored.get("temperature"),
+        "avg_logprob": stored.get("avg_logprob"),
+        "compression_ratio": stored.get("compression_ratio"),
+        "no_speech_prob": stored.get("no_speech_prob"),
+    }
+
+
+@router.get("/models", responses=ERRORS)
+def list_models(services: ServicesDep, _code: CodeDep) -> dict[str, Any]:
+    """The model IDs ``/v1/audio/transcriptions`` accepts, in OpenAI's list shape."""
+    return {"object": "list", "data": [_model(m, services) for m in accepted_models(services)]}
+
+
+@router.get("/models/{model_id}", responses=ERRORS)
+def get_model(services: ServicesDep, _code: CodeDep, model_id: str) -> dict[str, Any]:
+    """One accepted model, or 404 ``model_not_found``."""
+    if model_id not in accepted_models(services):
+        raise NotFound(f"The model {model_id!r} does not exist here.", code="model_not_found")
+    return _model(model_id, services)
+
+
+def _model(model_id: str, services: Services) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": services.engine_name}

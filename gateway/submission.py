@@ -1,0 +1,170 @@
+"""Turning an uploaded mp3 into a queued job, shared by ``/v1/transcriptions`` and the
+OpenAI-compatible ``/v1/audio/transcriptions`` so both apply the same intake and credit rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Generic, TypeVar
+
+from fastapi.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from gateway.services import Services
+from gateway.uploads import Upload, receive_upload
+from transcriber.checkpoints import checkpoint_prefix
+from transcription import idempotency, ledger, lifecycle
+from transcription.audio import AudioInfo, probe_mp3
+from transcription.db.models import CreditCode, Job
+from transcription.errors import InvalidRequest
+from transcription.states import Mode
+
+LANGUAGE = re.compile(r"^[a-z]{2,3}$")
+MAX_PROMPT_CHARS = 2000
+
+JobOptions = dict[str, str | None]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Accepted(Generic[T]):
+    """A submission that holds a job: a new one, or (``job`` None) the one an
+    ``Idempotency-Key`` made earlier; ``form`` is what the endpoint's parser made of the form."""
+
+    job_id: str
+    job: Job | None
+    form: T
+
+    @property
+    def replayed(self) -> bool:
+        return self.job is None
+
+
+def job_options(upload: Upload, services: Services) -> JobOptions:
+    """The job's ``language``, ``prompt`` and ``mode`` from the form, checked."""
+    language = (upload.field("language") or "").strip().lower() or None
+    if language is not None and not LANGUAGE.match(language):
+        raise InvalidRequest(
+            "language must be an ISO-639-1 code such as 'en' or 'de'.", param="language"
+        )
+    model = services.model_name or ""
+    if language not in (None, "en") and model.endswith(".en"):
+        raise InvalidRequest(
+            f"The model {model} transcribes English only; omit language or use 'en'.",
+            param="language",
+        )
+    prompt = upload.field("prompt") or None
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(f"prompt is limited to {MAX_PROMPT_CHARS} characters.", param="prompt")
+    mode = (upload.field("mode") or Mode.FAST.value).strip().lower()
+    if mode not in {m.value for m in Mode}:
+        raise InvalidRequest("mode must be 'fast' or 'accurate'.", param="mode")
+    return {"language": language, "prompt": prompt, "mode": mode}
+
+
+async def accept_upload(
+    request: Request,
+    services: Services,
+    code: CreditCode,
+    idempotency_key: str | None,
+    parse: Callable[[Upload], tuple[JobOptions, T]],
+) -> Accepted[T]:
+    """Receive the multipart upload, check it with ``parse`` and the audio probe, then store
+    it and create the job (reserving credit) and hand it to the runner; on any refusal nothing
+    is stored or charged."""
+    ttl = timedelta(hours=services.settings.idempotency_ttl_hours)
+    state = (
+        await run_in_threadpool(idempotency.claim, services.db, code.id, idempotency_key, ttl)
+        if idempotency_key is not None
+        else None
+    )
+    owned = state if isinstance(state, idempotency.Claim) else None
+    upload: Upload | None = None
+    try:
+        if owned is not None or state is None:
+            ledger.ensure_usable(code)
+        upload = await receive_upload(
+            request,
+            tmp_dir=services.upload_dir,
+            max_bytes=services.settings.max_upload_bytes,
+        )
+        options, form = parse(upload)
+        request_hash = _request_hash(upload, options)
+        if isinstance(state, idempotency.Replay):
+            return Accepted(idempotency.check_replay(state, request_hash), None, form)
+        assert upload.path is not None
+        info = await run_in_threadpool(
+            probe_mp3, upload.path, max_seconds=services.settings.max_audio_seconds
+        )
+        job = await run_in_threadpool(
+            _create_job, services, code, upload, info, options, owned, request_hash
+        )
+        owned = None
+    finally:
+        if upload is not None:
+            upload.discard()
+        if owned is not None:
+            await run_in_threadpool(idempotency.abandon, services.db, owned)
+    services.runner.submit(job.id)
+    return Accepted(job.id, job, form)
+
+
+def cancel_job(services: Services, job_id: str) -> Job | None:
+    """Cancel an unfinished job, refund it and drop its audio and checkpoints; None if it had
+    already finished."""
+    cancelled = services.lifecycle.cancel(job_id)
+    if cancelled is None:
+        return None
+    services.runner.cancel(job_id)
+    services.blobs.delete(cancelled.audio_key)
+    services.blobs.delete_prefix(checkpoint_prefix(job_id))
+    return cancelled
+
+
+def _request_hash(upload: Upload, options: JobOptions) -> str:
+    canonical = json.dumps({"file": upload.sha256, **options}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _create_job(
+    services: Services,
+    code: CreditCode,
+    upload: Upload,
+    info: AudioInfo,
+    options: JobOptions,
+    owned: idempotency.Claim | None,
+    request_hash: str,
+) -> Job:
+    """Store the audio, then create the job and reserve credit in one transaction."""
+    assert upload.path is not None
+    job_id = lifecycle.new_job_id()
+    key = lifecycle.audio_key(job_id)
+    services.blobs.put_file(key, upload.path, content_type="audio/mpeg")
+    try:
+        with services.db.transaction() as session:
+            job = lifecycle.submit(
+                session,
+                lifecycle.NewJob(
+                    job_id=job_id,
+                    code_id=code.id,
+                    audio_key=key,
+                    audio_bytes=upload.size,
+                    audio_seconds=info.duration,
+                    filename=upload.filename,
+                    language=options["language"],
+                    prompt=options["prompt"],
+                    mode=options["mode"] or Mode.FAST.value,
+                    engine=services.engine_name,
+                    model=services.model_name,
+                ),
+            )
+            if owned is not None:
+                idempotency.complete(session, owned, job.id, request_hash)
+    except BaseException:
+        services.blobs.delete(key)
+        raise
+    return job

@@ -1,0 +1,423 @@
+"""The kopf handlers: thin glue between Kubernetes events, the lifecycle and the builders.
+
+Every handler is safe to run twice (a restart replays them): the Job's name is fixed, a 409 on
+create counts as done, and the lifecycle and ledger make settlement and release no-ops when
+repeated. Status is written by the operator alone, through the status subresource.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from transcription import ledger
+from transcription.db.models import CreditCode
+from transcription.errors import NotFound
+from transcription.resources import (
+    GROUP,
+    JOB_LABEL,
+    VERSION,
+    CodeState,
+    CreditCodeSpec,
+    CreditCodeStatus,
+    Phase,
+    TranscriptionJobSpec,
+    job_id_of,
+)
+from transcription.settings import OperatorSettings
+from transcription_operator import builders
+from transcription_operator.admission import Admission
+from transcription_operator.context import CC_PLURAL, TJ_PLURAL, Context
+from transcription_operator.status import (
+    JobState,
+    cr_status,
+    job_state,
+    phase_of,
+    snapshot,
+    termination,
+)
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL = 5.0
+CODE_REFRESH_INTERVAL = 30.0
+
+
+def _ctx(memo: Any) -> Context:
+    ctx: Context = memo.ctx
+    return ctx
+
+
+def _admission(memo: Any) -> Admission:
+    admission: Admission = memo.admission
+    return admission
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Keep kopf's bookkeeping in our annotations (a structural CRD would prune it from status)."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.posting.level = logging.WARNING
+    ctx = await asyncio.to_thread(Context.build, OperatorSettings())
+    admission = Admission(ctx)
+    memo.ctx = ctx
+    memo.admission = admission
+    memo.admission_task = asyncio.create_task(admission.run(), name="admission")
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    memo.admission_task.cancel()
+    _ctx(memo).close()
+
+
+# --- TranscriptionJob ---------------------------------------------------------------------
+
+
+def _reject(ctx: Context, body: kopf.Body, reason: str, message: str) -> kopf.PermanentError:
+    status = cr_status(
+        dict(body.get("status") or {}),
+        phase=Phase.FAILED,
+        reason=reason,
+        message=message,
+        db=None,
+        job_name=None,
+        generation=body.metadata.get("generation"),
+        now=datetime.now(UTC),
+    )
+    ctx.patch_status(TJ_PLURAL, body.metadata["namespace"], body.metadata["name"], status)
+    ctx.post_event(dict(body), reason, message, warning=True)
+    return kopf.PermanentError(message)
+
+
+@kopf.on.resume(GROUP, VERSION, TJ_PLURAL)
+@kopf.on.create(GROUP, VERSION, TJ_PLURAL)
+def accept(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Validate a new TranscriptionJob and queue it for admission."""
+    ctx = _ctx(memo)
+    phase = (body.get("status") or {}).get("phase")
+    if phase and Phase(phase).finished:
+        return
+    job_id = job_id_of(name)
+    if job_id is None:
+        raise _reject(
+            ctx, body, "InvalidName", f"{name!r} is not a transcription ID; the gateway names them."
+        )
+    try:
+        TranscriptionJobSpec.model_validate(dict(body.spec))
+    except ValidationError as exc:
+        ctx.lifecycle.fail(job_id, code="invalid_spec", message=str(exc))
+        raise _reject(ctx, body, "InvalidSpec", f"The spec is invalid: {exc}") from None
+    try:
+        db_job = ctx.lifecycle.get(job_id)
+    except NotFound:
+        raise _reject(
+            ctx,
+            body,
+            "UnknownJob",
+            f"No submitted transcription {job_id}: TranscriptionJobs are created by the gateway, "
+            "which stores the audio and reserves its credit.",
+        ) from None
+    if phase is None:
+        status = cr_status(
+            {},
+            phase=Phase.QUEUED,
+            reason="Queued",
+            message="Waiting for a free transcriber slot.",
+            db=snapshot(db_job, None),
+            job_name=None,
+            generation=body.metadata.get("generation"),
+            now=datetime.now(UTC),
+        )
+        ctx.patch_status(TJ_PLURAL, body.metadata["namespace"], name, status)
+        ctx.post_event(dict(body), "Queued", f"Accepted {db_job.audio_seconds:.1f} s of audio.")
+    _admission(memo).wake()
+
+
+@kopf.on.delete(GROUP, VERSION, TJ_PLURAL)
+def release(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Deleting an unfinished TranscriptionJob cancels it, refunds it and stops its Job."""
+    ctx = _ctx(memo)
+    assert namespace is not None  # TranscriptionJobs are namespaced
+    job_id = job_id_of(name)
+    if job_id is not None:
+        cancelled = ctx.lifecycle.cancel(job_id)
+        if cancelled is not None:
+            ctx.blobs.delete(cancelled.audio_key)
+            log.info("refunded %s: its TranscriptionJob was deleted", job_id)
+    try:
+        ctx.batch.delete_namespaced_job(
+            builders.job_name(name), namespace, propagation_policy="Background"
+        )
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    _admission(memo).wake()
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    TJ_PLURAL,
+    interval=PROGRESS_INTERVAL,
+    when=lambda status, **_: status.get("phase") == Phase.RUNNING,
+)
+def mirror_progress(
+    body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """Copy the transcriber's progress from the database into the status."""
+    ctx = _ctx(memo)
+    job_id = job_id_of(name)
+    if job_id is None or namespace is None:
+        return
+    progress = round(ctx.lifecycle.get(job_id).progress, 4)
+    if (body.get("status") or {}).get("progress") != progress:
+        ctx.patch_status(TJ_PLURAL, namespace, name, {"progress": progress})
+
+
+# --- the child Jobs -------------------------------------------------------------------------
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
+def follow_job(
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
+) -> None:
+    """Carry a child Job's progress to its TranscriptionJob; settle or refund when it ends."""
+    ctx = _ctx(memo)
+    if event.get("type") == "DELETED" or namespace is None:
+        _admission(memo).wake()
+        return
+    state = job_state(dict(body))
+    finished = finish(ctx, dict(body), namespace, state)
+    if finished:
+        _admission(memo).wake()
+
+
+def finish(ctx: Context, job: dict[str, Any], namespace: str, state: JobState) -> bool:
+    """Bring the database and the TranscriptionJob in line with the Job; True once final."""
+    cr_name = job["metadata"]["labels"][JOB_LABEL]
+    job_id = job_id_of(cr_name)
+    if job_id is None:
+        return False
+    if state.phase == Phase.SUCCEEDED:
+        if ctx.lifecycle.complete(job_id) is None:
+            ended = termination(_pods(ctx, namespace, job))
+            detail = f" ({ended.error_message})" if ended and ended.error_message else ""
+            ctx.lifecycle.fail(
+                job_id,
+                code="transcript_missing",
+                message="The transcriber finished without recording a transcript"
+                f"{detail}; the credit was refunded.",
+            )
+    elif state.phase == Phase.FAILED:
+        ended = termination(_pods(ctx, namespace, job))
+        if ended is not None and ended.outcome == "rejected" and ended.error_code:
+            code, message = ended.error_code, ended.error_message or "The audio was rejected."
+        else:
+            detail = f" Last error: {ended.error_message}" if ended and ended.error_message else ""
+            code = "transcription_failed"
+            message = (
+                f"The transcriber Job failed ({state.reason}: {state.message or 'no message'})."
+                f"{detail} The credit was refunded."
+            )
+        failed = ctx.lifecycle.fail(job_id, code=code, message=message)
+        if failed is not None:
+            ctx.blobs.delete(failed.audio_key)
+    try:
+        db = snapshot(ctx.lifecycle.get(job_id), ctx.lifecycle.transcript(job_id))
+    except NotFound:
+        return False
+    for _attempt in range(5):
+        tj = ctx.get_tj(namespace, cr_name)
+        if tj is None or tj["metadata"].get("deletionTimestamp"):
+            return False
+        old = tj.get("status") or {}
+        phase = phase_of(db, state)
+        reason, message = _explain(phase, state, db)
+        new = cr_status(
+            old,
+            phase=phase,
+            reason=reason,
+            message=message,
+            db=db,
+            job_name=job["metadata"]["name"],
+            generation=tj["metadata"].get("generation"),
+            now=datetime.now(UTC),
+        )
+        if new == old:
+            return phase.finished
+        if ctx.patch_status(
+            TJ_PLURAL,
+            namespace,
+            cr_name,
+            new,
+            resource_version=tj["metadata"]["resourceVersion"],
+        ):
+            if old.get("phase") != phase:
+                ctx.post_event(tj, reason, message, warning=phase == Phase.FAILED)
+            return phase.finished
+    raise kopf.TemporaryError("the TranscriptionJob kept changing; retrying", delay=1)
+
+
+def _explain(phase: Phase, state: JobState, db: Any) -> tuple[str, str]:
+    if phase == Phase.SUCCEEDED:
+        return "Transcribed", (
+            f"Transcribed {db.audio_seconds:.1f} s of audio; charged {db.charged_seconds} s."
+        )
+    if phase == Phase.FAILED:
+        return "Failed", db.error_message or "The transcription failed; the credit was refunded."
+    if phase == Phase.CANCELLED:
+        return "Cancelled", "Cancelled; the credit was refunded."
+    if phase == Phase.RUNNING:
+        return "Transcribing", "A transcriber pod is running."
+    return state.reason, state.message
+
+
+def _pods(ctx: Context, namespace: str, job: dict[str, Any]) -> list[dict[str, Any]]:
+    selector = f"{JOB_LABEL}={job['metadata']['labels'][JOB_LABEL]}"
+    pods = ctx.core.list_namespaced_pod(namespace, label_selector=selector)
+    found: list[dict[str, Any]] = ctx.core.api_client.sanitize_for_serialization(pods.items)
+    return found
+
+
+# --- CreditCode -----------------------------------------------------------------------------
+
+
+def _code_id(uid: str) -> str:
+    """The ledger ID of a CreditCode, fixed by its UID so a replayed mint finds the same code."""
+    return ledger.CODE_ID_PREFIX + hashlib.sha256(uid.encode()).hexdigest()[:16]
+
+
+def _secret_code(ctx: Context, body: kopf.Body, code_id: str) -> str:
+    """The code in the CreditCode's Secret, creating the Secret with a fresh code if needed."""
+    namespace = body.metadata["namespace"]
+    fresh = ledger.generate_code()
+    try:
+        ctx.core.create_namespaced_secret(
+            namespace,
+            builders.code_secret(dict(body), fresh, code_id),  # type: ignore[arg-type]
+        )
+        return fresh
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    secret = ctx.core.read_namespaced_secret(builders.secret_name(body.metadata["name"]), namespace)
+    return base64.b64decode((secret.data or {})["code"]).decode()
+
+
+def _code_status(record: CreditCode, secret: str, message: str, generation: Any) -> dict[str, Any]:
+    return CreditCodeStatus(
+        code_id=record.id,
+        secret_name=secret,
+        hint=record.hint,
+        budget_seconds=record.budget_seconds,
+        remaining_seconds=max(record.remaining_seconds, 0),
+        reserved_seconds=record.reserved_seconds,
+        spent_seconds=record.spent_seconds,
+        uses=record.uses,
+        max_uses=record.max_uses,
+        state=CodeState(record.state()),
+        observed_generation=generation,
+        message=message,
+    ).dump()
+
+
+@kopf.on.resume(GROUP, VERSION, CC_PLURAL)
+@kopf.on.create(GROUP, VERSION, CC_PLURAL)
+@kopf.on.update(GROUP, VERSION, CC_PLURAL, field="spec")
+def reconcile_code(body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """Mint the code on first sight; afterwards make the ledger match the spec."""
+    ctx = _ctx(memo)
+    try:
+        spec = CreditCodeSpec.model_validate(dict(body.spec))
+    except ValidationError as exc:
+        ctx.post_event(dict(body), "InvalidSpec", str(exc), warning=True)
+        raise kopf.PermanentError(f"The spec is invalid: {exc}") from None
+    code_id = _code_id(uid)
+    notes: list[str] = []
+    with ctx.db.transaction() as session:
+        try:
+            record = ledger.get_code(session, code_id, for_update=True)
+        except NotFound:
+            code = _secret_code(ctx, body, code_id)
+            record = ledger.issue_code(
+                session,
+                ctx.code_key,
+                seconds=spec.seconds,
+                max_uses=spec.max_uses,
+                expires_at=spec.expires_at,
+                label=spec.label,
+                code=code,
+                code_id=code_id,
+            ).record
+            notes.append(f"Minted a code worth {spec.seconds} s into its Secret.")
+        # Level-based, so a replay after a restart adds nothing twice.
+        if spec.seconds > record.budget_seconds:
+            added = spec.seconds - record.budget_seconds
+            record = ledger.top_up(session, code_id, added)
+            notes.append(f"Topped up by {added} s.")
+        elif spec.seconds < record.budget_seconds:
+            notes.append(
+                f"spec.seconds cannot lower the budget below {record.budget_seconds} s; "
+                "budgets only grow."
+            )
+        if spec.max_uses != record.max_uses:
+            ledger.set_max_uses(session, code_id, spec.max_uses)
+        if spec.expires_at != record.expires_at:
+            ledger.set_expiry(session, code_id, spec.expires_at)
+        if spec.label != record.label:
+            record.label = spec.label
+        session.flush()
+        session.refresh(record)
+        status = _code_status(
+            record,
+            builders.secret_name(body.metadata["name"]),
+            " ".join(notes) or "In sync with the ledger.",
+            body.metadata.get("generation"),
+        )
+    ctx.patch_status(CC_PLURAL, body.metadata["namespace"], body.metadata["name"], status)
+    for note in notes:
+        ctx.post_event(dict(body), "Minted" if note.startswith("Minted") else "Updated", note)
+
+
+@kopf.timer(GROUP, VERSION, CC_PLURAL, interval=CODE_REFRESH_INTERVAL, initial_delay=5)
+def refresh_code(body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the counters in the status current as jobs spend the code."""
+    ctx = _ctx(memo)
+    with ctx.db.transaction() as session:
+        try:
+            record = ledger.get_code(session, _code_id(uid))
+        except NotFound:
+            return
+        old = dict(body.get("status") or {})
+        status = _code_status(
+            record,
+            builders.secret_name(body.metadata["name"]),
+            old.get("message") or "",
+            old.get("observedGeneration"),
+        )
+    if {k: old.get(k) for k in status} != status:
+        ctx.patch_status(CC_PLURAL, body.metadata["namespace"], body.metadata["name"], status)
+
+
+@kopf.on.delete(GROUP, VERSION, CC_PLURAL)
+def revoke_code(uid: str, memo: kopf.Memo, **_: Any) -> None:
+    """Deleting a CreditCode revokes it; jobs it already pays for still finish."""
+    ctx = _ctx(memo)
+    with ctx.db.transaction() as session:
+        try:
+            ledger.revoke(session, _code_id(uid))
+        except NotFound:
+            return

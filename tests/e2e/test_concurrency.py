@@ -1,0 +1,62 @@
+"""Fifty simultaneous uploads paid with one single-use code, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.fixtures.server import Server
+
+SUBMISSIONS = 50
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_single_use_code_pays_for_exactly_one_of_50_concurrent_uploads(
+    database: str,
+    request: pytest.FixtureRequest,
+    start_server: Callable[..., Server],
+    mp3_5s: Path,
+) -> None:
+    """One upload is accepted, 49 get 402 ``code_used``, none a 5xx; the code is charged once,
+    nothing of the refused uploads is kept and the log holds neither tracebacks nor the code."""
+    env = {"DATABASE_URL": request.getfixturevalue("pg_url")} if database == "postgresql" else {}
+    server = start_server(env=env, ready=False)
+    code = server.create_code()
+    auth = {"Authorization": f"Bearer {code}"}
+    audio = mp3_5s.read_bytes()
+    barrier = threading.Barrier(SUBMISSIONS)
+
+    def upload(_: int) -> httpx.Response:
+        with httpx.Client(base_url=server.base_url, headers=auth, timeout=120) as client:
+            barrier.wait()
+            return client.post(
+                "/v1/transcriptions", files={"file": ("tone.mp3", audio, "audio/mpeg")}
+            )
+
+    with ThreadPoolExecutor(SUBMISSIONS) as pool:
+        responses = list(pool.map(upload, range(SUBMISSIONS)))
+
+    statuses = Counter(r.status_code for r in responses)
+    assert statuses == {202: 1, 402: SUBMISSIONS - 1}, (statuses, server.log()[-3000:])
+    assert {r.json()["error"]["code"] for r in responses if r.status_code == 402} == {"code_used"}
+    job = next(r.json() for r in responses if r.status_code == 202)
+    with httpx.Client(base_url=server.base_url, headers=auth, timeout=30) as client:
+        balance = client.get("/v1/credits").json()
+        listed = client.get("/v1/transcriptions").json()["data"]
+    assert balance["uses"] == 1
+    assert job["reserved_seconds"] == math.ceil(job["audio_seconds"])
+    assert balance["reserved_seconds"] + balance["spent_seconds"] == job["reserved_seconds"]
+    assert [j["id"] for j in listed] == [job["id"]]
+    assert not any((server.data_dir / "uploads").iterdir())
+    stored = {p.parent.name for p in (server.data_dir / "blobs").rglob("audio.mp3")}
+    assert stored <= {job["id"]}
+    log = server.log()
+    assert "Traceback" not in log
+    assert code.removeprefix("wt_") not in log

@@ -1,0 +1,32 @@
+"""Checkpoints of a running job kept in the blob store, next to its audio, so that a worker that
+dies mid-job leaves its finished parts behind for the next attempt."""
+
+from __future__ import annotations
+
+from transcription.blobstore import BlobNotFound, BlobStore
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    """Where a job's checkpoints live: ``jobs/<id>/chunks/<name>``."""
+    return f"jobs/{job_id}/chunks"
+
+
+class BlobCheckpoints:
+    """The ``Checkpoints`` of one job, as blobs under ``prefix``."""
+
+    def __init__(self, blobs: BlobStore, prefix: str) -> None:
+        self.blobs = blobs
+        self.prefix = prefix
+
+    def load(self, name: str) -> bytes | None:
+        try:
+            return self.blobs.get_bytes(f"{self.prefix}/{name}")
+        except BlobNotFound:
+            return None
+
+    def save(self, name: str, data: bytes) -> None:
+        self.blobs.put_bytes(f"{self.prefix}/{name}", data, content_type="application/json")
+
+    def clear(self) -> int:
+        """Remove every checkpoint; return how many there were."""
+        return self.blobs.delete_prefix(self.prefix)
