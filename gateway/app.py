@@ -14,7 +14,7 @@ from gateway import errors
 from gateway.routers import admin, credits, health, openai_compat, transcriptions
 from gateway.runners import JobRunner, LocalJobRunner
 from gateway.services import Services
-from transcriber.engines import Engine, build_engine
+from transcriber.engines import Engine, build_engine, default_concurrency
 from transcriber.pipeline import Pipeline
 from transcription.blobstore import open_blob_store
 from transcription.db.migrate import upgrade
@@ -42,7 +42,7 @@ def build_services(settings: GatewaySettings, engine: Engine | None = None) -> S
         runner = KubernetesJobRunner(lc, namespace=settings.kubernetes_namespace)
         engine_name, model_name = settings.engine, settings.model
     else:
-        concurrency = settings.concurrency or 1
+        concurrency = settings.concurrency or default_concurrency()
         engine = engine or build_engine(settings, concurrency=concurrency)
         pipeline = Pipeline(lc, blobs, engine, progress_interval=settings.progress_interval)
         runner = LocalJobRunner(pipeline, lc, concurrency=concurrency)

@@ -21,7 +21,8 @@ import numpy as np
 from transcription.errors import TranscriptionFailed
 
 SEARCH_SECONDS = 15.0
-"""How far from the ideal cut (either way) to look for a quiet point."""
+"""How far from the ideal cut (either way) to look for a quiet point; at most a quarter of the
+piece, so pieces stay of similar length."""
 
 _QUIET_WINDOW_SECONDS = 0.4  # the stretch around a cut whose loudness is compared
 _WARMUP_FRAMES = 16  # frames decoded before a search window so the bit reservoir is filled
@@ -106,14 +107,15 @@ def plan_chunks(
             break
         parts = max(2, math.ceil(left_bytes / max_bytes), math.ceil(left_seconds / max_seconds))
         ideal = starts[first] + left_seconds / parts
+        radius = min(search_seconds, left_seconds / parts / 4)
         # The last frame index a piece starting at ``first`` may end before.
         hard = min(
             bisect.bisect_right(positions, positions[first] + max_bytes) - 1,
             bisect.bisect_right(starts, starts[first] + max_seconds) - 1,
         )
         hard = max(hard, first + 1)
-        lo = max(first + 1, bisect.bisect_left(starts, ideal - search_seconds))
-        hi = min(hard, bisect.bisect_right(starts, ideal + search_seconds))
+        lo = max(first + 1, bisect.bisect_left(starts, ideal - radius))
+        hi = min(hard, bisect.bisect_right(starts, ideal + radius))
         cuts.append(_quietest(path, frames, min(lo, hi), hi, ideal))
     cuts.append(len(frames))
     return [

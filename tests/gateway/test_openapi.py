@@ -58,7 +58,7 @@ def test_no_request_causes_a_server_error(
 
     @given(case=api_schema[path][method].as_strategy())
     @settings(
-        max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck)
     )
     def check(case: Any) -> None:
         case.call_and_validate(headers=headers, checks=[not_a_server_error])

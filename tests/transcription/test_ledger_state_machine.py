@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import random
 import re
-import secrets
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import ClassVar
 
-import psycopg
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -23,12 +23,10 @@ from hypothesis.stateful import (
 )
 from sqlalchemy import Row, select
 
-from tests.fixtures.database import PG_DSN
 from tests.transcription.test_ledger import KEY, counters, issue, new_job, submit_job
 from tests.transcription.test_ledger_concurrency import run_together
 from transcription import ledger
-from transcription.db.migrate import upgrade
-from transcription.db.models import CreditCode, Job, LedgerEntry, utcnow
+from transcription.db.models import Base, CreditCode, Job, LedgerEntry, utcnow
 from transcription.db.session import Database
 from transcription.errors import (
     CodeExpired,
@@ -98,26 +96,23 @@ def has_resolved_jobs(machine: LedgerMachine) -> bool:
     suppress_health_check=[HealthCheck.too_slow],
 )
 class LedgerMachine(RuleBasedStateMachine):
-    """Each example runs in a fresh PostgreSQL schema, dropped at teardown.
+    """Runs on ``db``, a migrated PostgreSQL schema that is emptied after each example.
 
     Codes and jobs are drawn from the model in creation order, so an example replays exactly.
     """
 
+    db: ClassVar[Database]
+
     def __init__(self) -> None:
         super().__init__()
-        self.schema = "sm_" + secrets.token_hex(6)
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f'CREATE SCHEMA "{self.schema}"')
-        self.db = Database(f"{PG_DSN}?options=-csearch_path%3D{self.schema}")
-        upgrade(self.db.engine)
         self.lifecycle = Lifecycle(self.db)
         self.code_models: dict[str, CodeModel] = {}
         self.job_models: dict[str, JobModel] = {}
 
     def teardown(self) -> None:
-        self.db.dispose()
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{self.schema}" CASCADE')
+        with self.db.transaction() as session:
+            for table in reversed(Base.metadata.sorted_tables):
+                session.execute(table.delete())
 
     def _pick_code(self, data: st.DataObject) -> tuple[str, CodeModel]:
         code_id = data.draw(st.sampled_from(list(self.code_models)), label="code")
@@ -323,7 +318,14 @@ class LedgerMachine(RuleBasedStateMachine):
             assert sorted(kinds[job_id]) == expected
 
 
-TestLedgerStateMachine = LedgerMachine.TestCase
+class TestLedgerStateMachine(LedgerMachine.TestCase):
+    """Hypothesis runs the machine; every example shares the schema of one ``pg_db``."""
+
+    @pytest.fixture(autouse=True)
+    def _database(self, pg_db: Database) -> Iterator[None]:
+        LedgerMachine.db = pg_db
+        yield
+        del LedgerMachine.db
 
 
 def test_concurrent_random_operations_keep_the_ledger_consistent(pg_db: Database) -> None:

@@ -21,15 +21,30 @@ __all__ = [
     "ProgressCallback",
     "ResumableEngine",
     "build_engine",
+    "default_concurrency",
     "default_threads",
     "is_resumable",
 ]
 
 
+#: CTranslate2 stops gaining from more threads for one small model around here, so larger
+#: machines run several jobs at once instead.
+THREADS_PER_JOB = 4
+
+
+def _cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
+def default_concurrency() -> int:
+    """Jobs to run at once on this machine: one per ``THREADS_PER_JOB`` cores, at least one."""
+    return max(1, _cores() // THREADS_PER_JOB)
+
+
 def default_threads(concurrency: int = 1) -> int:
     """Inference threads per job so that concurrent jobs share the cores without oversubscribing."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, concurrency))
+    return max(1, _cores() // max(1, concurrency))
 
 
 def build_engine(settings: WorkerSettings, *, concurrency: int = 1) -> Engine:
@@ -64,5 +79,7 @@ def build_engine(settings: WorkerSettings, *, concurrency: int = 1) -> Engine:
     return LocalEngine(
         settings.model,
         cpu_threads=settings.cpu_threads or default_threads(concurrency),
+        # One CTranslate2 worker per concurrent job, or the jobs would queue for the model.
+        num_workers=concurrency,
         batch_size=settings.batch_size,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,6 +23,9 @@ _T = TypeVar("_T")
 # Without tokenizer.json faster-whisper fetches a tokenizer from the Hugging Face Hub.
 _REQUIRED_FILES = ("model.bin", "tokenizer.json")
 _BEAM_SIZE = 5
+_SAMPLE_RATE = 16_000  # faster-whisper decodes everything to 16 kHz
+_TICK_SECONDS = 0.5
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 class ModelUnavailable(TranscriptionFailed):
@@ -68,6 +73,8 @@ class LocalEngine:
         self.compute_type = compute_type
         self.device = device
         self.loads = 0
+        # Seconds of audio the fast mode decodes per second, measured on the last batch.
+        self.audio_per_second: float | None = None
         self._whisper: WhisperModel | None = None
         self._lock = threading.Lock()
 
@@ -133,46 +140,187 @@ class LocalEngine:
         batched = mode == "fast"
         decode: dict[str, Any] = {"beam_size": _BEAM_SIZE, "vad_filter": True}
         if batched:
-            from faster_whisper import BatchedInferencePipeline
-
-            run = BatchedInferencePipeline(whisper).transcribe
             decode["batch_size"] = self.batch_size
         else:
-            run = whisper.transcribe
             decode["condition_on_previous_text"] = True
+        tracker = _BatchProgress(self, on_progress) if batched and on_progress else None
         try:
-            pieces, info = run(str(audio), language=language, initial_prompt=prompt, **decode)
-        except Exception as exc:
-            raise _failure(audio, exc) from exc
-        segments: list[Segment] = []
-        processed = 0.0
-        for piece in _guarded(pieces, audio):
-            segments.append(
-                Segment(
-                    id=len(segments),
-                    start=piece.start,
-                    end=piece.end,
-                    text=piece.text.strip(),
-                    temperature=piece.temperature,
-                    avg_logprob=piece.avg_logprob,
-                    compression_ratio=piece.compression_ratio,
-                    no_speech_prob=piece.no_speech_prob,
-                )
+            segments, info = self._decode(
+                whisper, audio, language, prompt, decode, tracker, on_progress
             )
-            processed = max(processed, min(piece.end, info.duration))
-            if on_progress is not None:
-                on_progress(processed)
-        if on_progress is not None:
-            on_progress(info.duration)
+            report = tracker.report if tracker is not None else on_progress
+            if report is not None:
+                report(info.duration)
+        finally:
+            if tracker is not None:
+                tracker.close()
+        options = info.transcription_options
         return TranscriptResult(
             segments=segments,
             language=info.language,
             duration=info.duration,
             model=self.model,
             mode=mode,
-            # Batched chunks are decoded independently, so no earlier text reaches the decoder.
-            extra={"batched": batched, "condition_on_previous_text": not batched, **decode},
+            extra={
+                **decode,
+                "batched": batched,
+                # What the decoder was really given, not what was asked for.
+                "condition_on_previous_text": options.condition_on_previous_text,
+                "timestamps": "interpolated within VAD chunks" if batched else "decoded",
+            },
         )
+
+    def _decode(
+        self,
+        whisper: WhisperModel,
+        audio: Path,
+        language: str | None,
+        prompt: str | None,
+        decode: dict[str, Any],
+        tracker: _BatchProgress | None,
+        on_progress: ProgressCallback | None = None,
+    ) -> tuple[list[Segment], Any]:
+        batched = "batch_size" in decode
+        if batched:
+            from faster_whisper import BatchedInferencePipeline
+
+            pipeline = BatchedInferencePipeline(whisper)
+            if tracker is not None:
+                tracker.wrap(pipeline)
+            run = pipeline.transcribe
+        else:
+            run = whisper.transcribe
+        try:
+            pieces, info = run(str(audio), language=language, initial_prompt=prompt, **decode)
+        except Exception as exc:
+            raise _failure(audio, exc) from exc
+        report = tracker.report if tracker is not None else on_progress
+        segments: list[Segment] = []
+        for piece in _guarded(pieces, audio):
+            timed = (
+                _timed_sentences(piece)
+                if batched
+                else [(piece.start, piece.end, piece.text.strip())]
+            )
+            for start, end, text in timed:
+                segments.append(
+                    Segment(
+                        id=len(segments),
+                        start=start,
+                        end=end,
+                        text=text,
+                        temperature=piece.temperature,
+                        avg_logprob=piece.avg_logprob,
+                        compression_ratio=piece.compression_ratio,
+                        no_speech_prob=piece.no_speech_prob,
+                    )
+                )
+            if report is not None:
+                report(min(piece.end, info.duration))
+        return segments, info
+
+
+class _BatchProgress:
+    """Progress of a batched transcription, whose segments arrive a whole batch (minutes of
+    audio) at a time: exact after each batch, and while one decodes an estimate that advances at
+    the engine's measured speed but never reaches the end of the audio that batch covers."""
+
+    def __init__(self, engine: LocalEngine, on_progress: ProgressCallback) -> None:
+        self.engine = engine
+        self.on_progress = on_progress
+        self.lock = threading.Lock()
+        self.done = 0.0
+        self.batch: tuple[float, float, float] | None = None  # (from, to, started)
+        self.error: BaseException | None = None
+        self.stopped = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, name="whisper-progress", daemon=True)
+        self.ticker.start()
+
+    def wrap(self, pipeline: Any) -> None:
+        """Have ``pipeline`` tell this tracker when each batch starts and ends."""
+        forward = pipeline.forward
+
+        def tracked(
+            features: Any, tokenizer: Any, chunks: list[dict[str, Any]], options: Any
+        ) -> Any:
+            self.raise_error()
+            # Chunk metadata holds the speech regions in original samples: where the batch ends.
+            ends = [region["end"] for chunk in chunks for region in chunk["segments"]]
+            with self.lock:
+                self.batch = (self.done, max([self.done, *ends]) / _SAMPLE_RATE, time.monotonic())
+            try:
+                return forward(features, tokenizer, chunks, options)
+            finally:
+                self._measure()
+
+        pipeline.forward = tracked
+
+    def report(self, seconds: float) -> None:
+        """Exact progress from a finished segment."""
+        self.raise_error()
+        self._emit(seconds)
+
+    def raise_error(self) -> None:
+        """Re-raise in the decoding thread what the progress callback raised in the ticker
+        (a cancelled job stops at the next batch)."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.ticker.join()
+
+    def _measure(self) -> None:
+        with self.lock:
+            if self.batch is None:
+                return
+            start, end, started = self.batch
+            elapsed = time.monotonic() - started
+            if end > start and elapsed > 0:
+                self.engine.audio_per_second = (end - start) / elapsed
+            self.batch = None
+
+    def _emit(self, seconds: float) -> None:
+        with self.lock:
+            if seconds <= self.done:
+                return
+            self.done = seconds
+            self.on_progress(seconds)
+
+    def _tick(self) -> None:
+        while not self.stopped.wait(_TICK_SECONDS):
+            rate = self.engine.audio_per_second
+            with self.lock:
+                batch = self.batch
+            if batch is None or rate is None:
+                continue
+            start, end, started = batch
+            estimate = min(
+                start + rate * (time.monotonic() - started), start + 0.95 * (end - start)
+            )
+            try:
+                self._emit(estimate)
+            except BaseException as exc:
+                self.error = exc
+                return
+
+
+def _timed_sentences(piece: Any) -> list[tuple[float, float, str]]:
+    """Split a batched segment (a whole VAD chunk, up to 30 s, decoded without timestamps) into
+    sentences, timed in proportion to their length, so subtitles stay readable."""
+    text = piece.text.strip()
+    sentences = [s for s in _SENTENCE_END.split(text) if s] or [text]
+    if len(sentences) == 1:
+        return [(piece.start, piece.end, text)]
+    span = piece.end - piece.start
+    total = sum(len(s) for s in sentences)
+    out: list[tuple[float, float, str]] = []
+    at = 0
+    for sentence in sentences:
+        start = piece.start + span * at / total
+        at += len(sentence)
+        out.append((round(start, 3), round(piece.start + span * at / total, 3), sentence))
+    return out
 
 
 def _guarded(pieces: Iterable[_T], audio: Path) -> Iterator[_T]:

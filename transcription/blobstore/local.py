@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -83,9 +85,36 @@ class LocalBlobStore:
         return self._path(key).as_uri()
 
     def put_file(self, key: str, path: Path, *, content_type: str | None = None) -> str:
+        """Store ``path``; a private file on the store's filesystem is hard-linked, not copied,
+        so the caller must not change it afterwards (deleting it is fine)."""
+        if stat.S_IMODE(path.stat().st_mode) & 0o077 == 0 and self._link(path, self._path(key)):
+            return self.uri(key)
         with path.open("rb") as src, self._writer(key) as dst:
             shutil.copyfileobj(src, dst, _COPY_BUFFER)
         return self.uri(key)
+
+    def _link(self, src: Path, dest: Path) -> bool:
+        """Atomically and durably put a hard link to ``src`` at ``dest``; False when ``src`` is
+        on another filesystem (or links are not supported), with nothing left behind."""
+        make_private_dirs(dest.parent)
+        tmp = dest.parent / f"{_TEMP_PREFIX}{secrets.token_hex(8)}"
+        try:
+            os.link(src, tmp)
+        except OSError:
+            return False
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, dest)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(dest.parent)
+        return True
 
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         with self._writer(key) as dst:

@@ -1,0 +1,366 @@
+"""The Helm chart: lint, render, validate against Kubernetes 1.35, and agree with crds/ and RBAC."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.charts.conftest import CHART, NAMESPACE, REQUIRED, ROOT, Helm, Render
+
+K8S_VERSION = "1.35.0"
+GKE_VALUES = CHART / "ci" / "gke-values.yaml"
+GUIDE = ROOT / "docs" / "deploy-gke.md"
+SHAPES = {"default": REQUIRED, "gke": ("-f", str(GKE_VALUES))}
+#: Every optional part switched on, so each template renders in at least one test.
+EVERYTHING = (
+    *REQUIRED,
+    "--set", "gateway.ingress.enabled=true",
+    "--set", "gateway.ingress.host=whisper.example.com",
+    "--set", "gateway.httpRoute.enabled=true",
+    "--set", "gateway.httpRoute.parentRefs[0].name=external",
+    "--set", "gateway.autoscaling.enabled=true",
+    "--set", "adminToken.existingSecret=whisper",
+    "--set", "cloudSqlProxy.enabled=true",
+    "--set", "cloudSqlProxy.instanceConnectionName=p:r:i",
+    "--set", "operator.kueueQueueName=transcription",
+)  # fmt: skip
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in by_kind(objects, kind) if o["metadata"]["name"] == name)
+
+
+def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        f"{o['kind']}/{o['metadata']['name']}": o["spec"]["template"]["spec"]
+        for o in objects
+        if o["kind"] in ("Deployment", "Job")
+    }
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def crd_schema(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    crd = next(c for c in by_kind(objects, "CustomResourceDefinition")
+               if c["spec"]["names"]["kind"] == kind)  # fmt: skip
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def rules(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def granted(objects: list[dict[str, Any]], service_account: str) -> set[tuple[str, str, str]]:
+    """Everything the bindings of the release give ``service_account``."""
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in objects
+             if o["kind"] in ("Role", "ClusterRole")}  # fmt: skip
+    allowed: set[tuple[str, str, str]] = set()
+    for binding in objects:
+        if binding["kind"] in ("RoleBinding", "ClusterRoleBinding") and any(
+            s["name"] == service_account for s in binding["subjects"]
+        ):
+            allowed |= rules(roles[(binding["roleRef"]["kind"], binding["roleRef"]["name"])])
+    return allowed
+
+
+def deploy_rbac(component: str) -> set[tuple[str, str, str]]:
+    docs = yaml.safe_load_all((ROOT / "deploy/rbac" / f"{component}.yaml").read_text())
+    allowed: set[tuple[str, str, str]] = set()
+    for doc in docs:
+        if doc["kind"] in ("Role", "ClusterRole"):
+            allowed |= rules(doc)
+    return allowed
+
+
+def test_the_chart_lints_strictly_clean(helm: Helm) -> None:
+    for flags in SHAPES.values():
+        done = helm("lint", "--strict", str(CHART), *flags)
+        assert "0 chart(s) failed" in done.stdout
+        assert "[WARNING]" not in done.stdout and "[ERROR]" not in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, "everything"])
+def test_every_rendered_object_is_valid_for_kubernetes_1_35(render: Render, shape: str) -> None:
+    objects = render(*SHAPES.get(shape, EVERYTHING))
+    assert {"Deployment", "Service", "CustomResourceDefinition", "Job"} <= {
+        o["kind"] for o in objects
+    }
+    for obj in objects:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        if obj["apiVersion"].startswith("gateway.networking.k8s.io/"):
+            # Gateway API types are CRDs, absent from the Kubernetes schemas: check the route
+            # points at the gateway Service instead.
+            backend = obj["spec"]["rules"][0]["backendRefs"][0]
+            service = named(objects, "Service", backend["name"])
+            assert backend["port"] == service["spec"]["ports"][0]["port"], where
+            assert obj["spec"]["parentRefs"], where
+            continue
+        try:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"{where}: {exc.message} at {list(exc.path)}") from exc
+
+
+def test_the_chart_crds_are_the_repository_crds(render: Render) -> None:
+    rendered = {c["metadata"]["name"]: c for c in by_kind(render(*REQUIRED), "CustomResourceDefinition")}
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        source = yaml.safe_load(path.read_text())
+        copy = CHART / "files" / "crds" / path.name
+        assert copy.read_text() == path.read_text(), f"copy {path} to {copy}"
+        crd = rendered.pop(source["metadata"]["name"])
+        assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        assert crd["metadata"].pop("labels")["app.kubernetes.io/managed-by"] == "Helm"
+        assert crd == source
+    assert not rendered, f"CRDs in the chart but not in crds/: {sorted(rendered)}"
+
+
+def test_crds_can_be_left_out_or_left_to_uninstall(render: Render) -> None:
+    assert not by_kind(render(*REQUIRED, "--set", "crds.enabled=false"), "CustomResourceDefinition")
+    loose = by_kind(render(*REQUIRED, "--set", "crds.keep=false"), "CustomResourceDefinition")
+    assert loose and all("annotations" not in c["metadata"] for c in loose)
+
+
+@pytest.mark.parametrize(
+    ("flag", "named_in_error"),
+    [
+        ("gateway.replicas=3", "'replicas'"),
+        ("cloudSqlProxy.instanceConnectioName=p:r:i", "'instanceConnectioName'"),
+        ("config.engin=local", "'engin'"),
+        ("transcriber.resources.request.cpu=2", "'request'"),
+        ("config.engine=whisper.cpp", "/config/engine"),
+    ],
+)
+def test_a_values_typo_fails_naming_it(helm: Helm, flag: str, named_in_error: str) -> None:
+    done = helm("template", "whisper", str(CHART), *REQUIRED, "--set", flag, check=False)
+    assert done.returncode != 0
+    assert named_in_error in done.stderr, done.stderr
+
+
+def test_a_missing_bucket_fails_saying_what_to_set(helm: Helm) -> None:
+    done = helm("template", "whisper", str(CHART), check=False)
+    assert done.returncode != 0
+    assert "config.blobUrl is required" in done.stderr, done.stderr
+
+
+def uncommented_values(lines: list[str]) -> list[str]:
+    """Leaf keys of values.yaml with no comment above them or above a key they are nested in."""
+    missing: list[str] = []
+    stack: list[tuple[int, bool]] = []
+    for number, line in enumerate(lines):
+        key = re.match(r"^(\s*)([A-Za-z][\w.]*):(.*)$", line)
+        if key is None:
+            continue
+        indent = len(key.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        commented = lines[number - 1].strip().startswith("#")
+        following = next((n for n in lines[number + 1 :] if n.strip()), "")
+        leaf = key.group(3).strip() != "" or len(following) - len(following.lstrip()) <= indent
+        if leaf and not commented and not any(c for _, c in stack):
+            missing.append(line.strip())
+        stack.append((indent, commented))
+    return missing
+
+
+def test_every_value_is_commented_and_in_the_schema() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    assert uncommented_values(lines) == []
+    schema = yaml.safe_load((CHART / "values.schema.json").read_text())
+
+    def closed(node: dict[str, Any], path: str) -> None:
+        if node.get("properties"):
+            assert node.get("additionalProperties") is False, f"{path} accepts unknown keys"
+            for key, child in node["properties"].items():
+                closed(child, f"{path}.{key}")
+
+    closed(schema, "values")
+
+
+def test_rbac_is_the_least_privilege_of_deploy_rbac(render: Render) -> None:
+    objects = render(*SHAPES["gke"])
+    accounts = {o["metadata"]["name"]: o for o in by_kind(objects, "ServiceAccount")}
+    for component in ("gateway", "operator", "transcriber"):
+        assert granted(objects, f"whisper-{component}") == deploy_rbac(component), component
+    transcriber = accounts["whisper-transcriber"]
+    assert transcriber["automountServiceAccountToken"] is False
+    operator = named(objects, "Deployment", "whisper-operator")["spec"]["template"]["spec"]
+    env = env_of(operator["containers"][0])
+    assert env["WHISPER_TRANSCRIBER_SERVICE_ACCOUNT"] == "whisper-transcriber"
+    for name in ("whisper-gateway", "whisper-operator", "whisper-transcriber", "whisper-migrate"):
+        annotations = accounts[name]["metadata"]["annotations"]
+        assert annotations["iam.gke.io/gcp-service-account"] == (
+            "whisper@my-project.iam.gserviceaccount.com"
+        ), name
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, "everything"])
+def test_every_pod_runs_locked_down(render: Render, shape: str) -> None:
+    specs = pod_specs(render(*SHAPES.get(shape, EVERYTHING)))
+    assert {"Deployment/whisper-gateway", "Deployment/whisper-operator", "Job/whisper-migrate"} <= set(specs)  # fmt: skip
+    for where, spec in specs.items():
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True, where
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in [*spec.get("initContainers", []), *spec["containers"]]:
+            what = f"{where} {container['name']}"
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, what
+            assert sc["allowPrivilegeEscalation"] is False, what
+            assert sc["capabilities"]["drop"] == ["ALL"], what
+            assert container["resources"]["requests"], what
+            if container["name"] != "cloud-sql-proxy":
+                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+                for path in ("/tmp", "/data"):
+                    assert "emptyDir" in volumes[mounts[path]], f"{what} has no writable {path}"
+
+
+def test_the_gke_shape_wires_database_bucket_secrets_and_the_proxy(render: Render) -> None:
+    objects = render(*SHAPES["gke"])
+    for where, spec in pod_specs(objects).items():
+        (proxy,) = spec["initContainers"]
+        # A native sidecar: it outlives the app container and lets the migration Job complete.
+        assert proxy["restartPolicy"] == "Always", where
+        assert proxy["args"][-1] == "my-project:europe-west1:whisper", where
+        env = env_of(spec["containers"][0])
+        assert env["DATABASE_URL"] == {"secretKeyRef": {"name": "whisper", "key": "DATABASE_URL"}}
+        assert env["WHISPER_CODE_SECRET"]["secretKeyRef"]["name"] == "whisper"
+        assert env["WHISPER_BLOB_URL"] == "gs://my-project-whisper/prod"
+    gateway = named(objects, "Deployment", "whisper-gateway")["spec"]["template"]["spec"]
+    env = env_of(gateway["containers"][0])
+    assert env["WHISPER_RUNNER"] == "kubernetes"
+    assert env["WHISPER_ADMIN_TOKEN"]["secretKeyRef"]["key"] == "WHISPER_ADMIN_TOKEN"
+    assert env["WHISPER_MIGRATE_ON_START"] == "false", "the hook migrates; replicas must not race"
+    operator = env_of(named(objects, "Deployment", "whisper-operator")["spec"]["template"]["spec"]["containers"][0])  # fmt: skip
+    assert operator["WHISPER_TRANSCRIBER_IMAGE"] == (
+        "europe-west1-docker.pkg.dev/my-project/whisper/transcriber:0.1.0"
+    )
+    assert operator["WHISPER_MAX_RUNNING_JOBS"] == "8"
+    assert operator["WHISPER_TRANSCRIBER_ENV_SECRET"] == "whisper-transcriber"
+
+
+def test_the_service_maps_port_80_to_an_unprivileged_container_port(render: Render) -> None:
+    objects = render(*REQUIRED)
+    (port,) = named(objects, "Service", "whisper-gateway")["spec"]["ports"]
+    container = named(objects, "Deployment", "whisper-gateway")["spec"]["template"]["spec"]["containers"][0]  # fmt: skip
+    (target,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    assert port["port"] == 80 and target["containerPort"] >= 1024
+    assert env_of(container)["WHISPER_PORT"] == str(target["containerPort"])
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+
+
+def test_the_operator_is_a_single_recreated_replica_with_kopf_liveness(render: Render) -> None:
+    deployment = named(render(*REQUIRED), "Deployment", "whisper-operator")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    liveness = next(a for a in container["args"] if a.startswith("--liveness="))
+    probe = container["livenessProbe"]["httpGet"]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == probe["port"])
+    assert liveness == f"--liveness=http://0.0.0.0:{port}{probe['path']}"
+    assert f"--namespace={NAMESPACE}" in container["args"]
+    assert "readinessProbe" not in container
+
+
+def test_optional_parts_render_when_switched_on(render: Render) -> None:
+    objects = render(*EVERYTHING)
+    kinds = {o["kind"] for o in objects}
+    assert {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    assert "replicas" not in named(objects, "Deployment", "whisper-gateway")["spec"]
+    operator = named(objects, "Deployment", "whisper-operator")["spec"]["template"]["spec"]
+    assert env_of(operator["containers"][0])["WHISPER_KUEUE_QUEUE_NAME"] == "transcription"
+    plain = {o["kind"] for o in render(*REQUIRED)}
+    assert not {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler"} & plain
+
+
+def test_migrations_run_in_a_hook_before_install_and_upgrade(render: Render) -> None:
+    job = named(render(*REQUIRED), "Job", "whisper-migrate")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["db", "upgrade"]
+    off = render(*REQUIRED, "--set", "migrations.enabled=false")
+    assert not by_kind(off, "Job")
+    gateway = named(off, "Deployment", "whisper-gateway")["spec"]["template"]["spec"]
+    assert env_of(gateway["containers"][0])["WHISPER_MIGRATE_ON_START"] == "true"
+
+
+def test_network_policies_admit_only_the_gateway_port(render: Render) -> None:
+    objects = render(*REQUIRED)
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(objects, "NetworkPolicy")}
+    assert policies["whisper-gateway"]["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    for closed in ("whisper-operator", "whisper-transcriber"):
+        assert policies[closed]["policyTypes"] == ["Ingress"]
+        assert "ingress" not in policies[closed]
+    # The transcriber policy must select the pods the operator's Jobs make.
+    from transcription.settings import OperatorSettings
+    from transcription_operator import builders
+    from transcription import resources
+
+    spec = resources.TranscriptionJobSpec(audio_key="a", audio_seconds=1.0, code_id="cc_1")
+    tj = {"apiVersion": "v1", "kind": "TranscriptionJob",
+          "metadata": {"name": "tr-1", "namespace": NAMESPACE, "uid": "u"}}  # fmt: skip
+    job = builders.transcriber_job(tj, "tr_1", spec, OperatorSettings(_env_file=None))  # type: ignore[call-arg]
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    selector = policies["whisper-transcriber"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+
+
+def test_notes_tell_how_to_mint_a_code_and_submit_a_file(helm: Helm, render: Render) -> None:
+    notes = helm("install", "whisper", str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+                 *REQUIRED).stdout.split("NOTES:", 1)[1]  # fmt: skip
+    assert "port-forward service/whisper-gateway 8080:80" in notes
+    assert "get secret first-code" in notes and "/v1/transcriptions" in notes
+    assert "get transcriptionjobs" in notes
+    manifest = re.search(r"cat <<'YAML'.*?\n(.*?)\n\s*YAML\n", notes, re.S)
+    assert manifest is not None
+    credit_code = yaml.safe_load(textwrap.dedent(manifest.group(1)))
+    # The CreditCode NOTES shows must be one the chart's own CRD accepts.
+    schema = crd_schema(render(*REQUIRED), "CreditCode")
+    jsonschema.Draft4Validator(schema).validate(credit_code)
+
+
+def guide_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(), re.S)
+
+
+def test_every_helm_command_of_the_guide_renders(helm: Helm) -> None:
+    commands = [
+        shlex.split(line)
+        for block in guide_blocks("bash")
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith(("helm install", "helm upgrade"))
+    ]
+    assert len(commands) >= 2, "the guide installs and upgrades with helm"
+    for command in commands:
+        flags = [a for a in command[2:] if a not in ("--install", "--wait", "--atomic")]
+        assert str(GKE_VALUES.relative_to(ROOT)) in flags, command
+        helm("template", *flags)
+
+
+def test_the_guide_credit_code_is_valid(render: Render) -> None:
+    manifests = [yaml.safe_load(b) for b in guide_blocks("yaml")]
+    codes = [m for m in manifests if m and m.get("kind") == "CreditCode"]
+    assert codes
+    schema = crd_schema(render(*REQUIRED), "CreditCode")
+    for code in codes:
+        jsonschema.Draft4Validator(schema).validate(code)

@@ -1,0 +1,264 @@
+"""The OpenAI-compatible endpoint, used as people use it: the official ``openai`` SDK pointed at
+a real gateway (uvicorn) whose OpenAI engine talks to faster-whisper-server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from openai.types.audio import Transcription, TranscriptionVerbose
+
+from gateway.app import create_app
+from gateway.services import Services
+from tests.fixtures.gateway import ADMIN, ADMIN_TOKEN, auth, eventually
+from tests.fixtures.openai_server import StartProxy, WhisperServer
+from tests.fixtures.server import free_port
+from tests.speech import SPEECH, script
+from tests.wer import wer
+from transcriber.engines.openai import OpenAIEngine
+from transcription.settings import GatewaySettings
+
+MAX_WER = 0.15
+SPEECH_SECONDS = 39  # what the fixture's 38.3 s reserve and charge
+NOWHERE = "http://127.0.0.1:9/v1"
+"""An engine address for tests whose requests are refused before any transcription."""
+
+
+@dataclass
+class Gateway:
+    """A gateway served over HTTP on a free port."""
+
+    url: str
+    app: FastAPI
+
+    @property
+    def services(self) -> Services:
+        found: Services = self.app.state.services
+        return found
+
+    def sdk(self, code: str, **options: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=code, **options)
+
+    def issue(self, seconds: int = 3600, max_uses: int = 1) -> str:
+        response = httpx.post(
+            self.url + "/v1/admin/codes",
+            json={"seconds": seconds, "max_uses": max_uses},
+            headers=ADMIN,
+        )
+        assert response.status_code == 201, response.text
+        code: str = response.json()["code"]
+        return code
+
+    def get(self, code: str, path: str) -> Any:
+        response = httpx.get(self.url + path, headers=auth(code), timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@contextmanager
+def serve(app: FastAPI) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread (lifespan included) until the block ends."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: server.started or not thread.is_alive(), what="the gateway starting")
+        assert server.started, "the gateway did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+StartGateway = Callable[..., Gateway]
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
+    """Factory: ``start_gateway(base_url, **settings)`` serves a gateway whose OpenAI engine
+    (model ``tiny.en``) sends to ``base_url``."""
+    with ExitStack() as stack:
+
+        def start(base_url: str, *, timeout: float = 60.0, **settings: Any) -> Gateway:
+            engine = OpenAIEngine(
+                "tiny.en", api_key="test-key", base_url=base_url, max_retries=2, timeout=timeout
+            )
+            config = GatewaySettings(
+                data_dir=tmp_path / "data",
+                admin_token=ADMIN_TOKEN,
+                **{"progress_interval": 0, "concurrency": 1, **settings},
+            )
+            app = create_app(config, engine=engine)
+            return Gateway(stack.enter_context(serve(app)), app)
+
+        yield start
+
+
+@pytest.mark.slow
+def test_every_response_format_works_through_the_sdk_and_charges_once(
+    start_gateway: StartGateway, whisper_server: WhisperServer
+) -> None:
+    gateway = start_gateway(whisper_server.base_url)
+    code = gateway.issue()
+    client = gateway.sdk(code)
+    answers: dict[str, Any] = {}
+    for fmt in ("json", "text", "srt", "vtt", "verbose_json"):
+        with SPEECH.open("rb") as file:
+            answers[fmt] = client.audio.transcriptions.create(
+                file=file,
+                model="tiny.en" if fmt == "srt" else "whisper-1",
+                response_format=fmt,  # type: ignore[arg-type]
+                # The SDK sends no Idempotency-Key of its own; with one, an upload is one job.
+                extra_headers={"Idempotency-Key": "talk-1"},
+                extra_body={"mode": "accurate"},
+            )
+
+    reference = script(1)
+    assert isinstance(answers["json"], Transcription)
+    assert wer(reference, answers["json"].text) <= MAX_WER
+    assert isinstance(answers["text"], str) and wer(reference, answers["text"]) <= MAX_WER
+    srt = answers["srt"]
+    assert isinstance(srt, str) and srt.startswith("1\n00:00:") and " --> " in srt
+    spoken = [
+        line for line in srt.splitlines() if line and "-->" not in line and not line.isdigit()
+    ]
+    assert wer(reference, " ".join(spoken)) <= MAX_WER
+    assert isinstance(answers["vtt"], str) and answers["vtt"].startswith("WEBVTT\n")
+    verbose = answers["verbose_json"]
+    assert isinstance(verbose, TranscriptionVerbose)
+    assert verbose.duration == pytest.approx(38.3, abs=0.5)
+    assert wer(reference, verbose.text) <= MAX_WER
+    assert verbose.segments is not None and len(verbose.segments) >= 2
+    starts = [s.start for s in verbose.segments]
+    assert starts == sorted(starts) and all(s.start < s.end for s in verbose.segments)
+    assert all(s.avg_logprob is not None for s in verbose.segments)
+
+    balance = gateway.get(code, "/v1/credits")
+    assert (balance["spent_seconds"], balance["uses"]) == (SPEECH_SECONDS, 1)
+    (job,) = gateway.get(code, "/v1/transcriptions")["data"]
+    assert (job["mode"], job["model"], job["charged_seconds"]) == ("accurate", "tiny.en", 39)
+
+    # The code is single-use: another upload is refused the way OpenAI refuses an empty quota.
+    with SPEECH.open("rb") as file, pytest.raises(openai.RateLimitError) as exhausted:
+        client.audio.transcriptions.create(file=file, model="whisper-1")
+    assert exhausted.value.code == "code_used"
+    assert "used" in exhausted.value.message
+    assert exhausted.value.response.headers["x-should-retry"] == "false"
+    assert gateway.get(code, "/v1/credits")["spent_seconds"] == SPEECH_SECONDS
+
+
+def test_refusals_are_the_sdks_typed_errors_and_cost_nothing(
+    start_gateway: StartGateway, wav_renamed_mp3: Path, mp3_over_hour: Path
+) -> None:
+    gateway = start_gateway(NOWHERE)
+    code = gateway.issue(seconds=600, max_uses=5)
+
+    def create(file: Path, client: openai.OpenAI | None = None, **options: Any) -> Any:
+        with file.open("rb") as opened:
+            return (client or gateway.sdk(code)).audio.transcriptions.create(
+                file=opened, **{"model": "whisper-1", **options}
+            )
+
+    with pytest.raises(openai.AuthenticationError) as unknown:
+        create(SPEECH, gateway.sdk("wt_not-a-real-code"))
+    assert unknown.value.code == "invalid_code"
+    with pytest.raises(openai.BadRequestError) as wav:
+        create(wav_renamed_mp3)
+    assert wav.value.code == "unsupported_media_type" and "WAV" in wav.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as too_long:
+        create(mp3_over_hour)
+    assert too_long.value.code == "audio_too_long"
+    with pytest.raises(openai.BadRequestError) as model:
+        create(SPEECH, model="whisper-large")
+    assert (model.value.code, model.value.param) == ("model_not_found", "model")
+    assert "whisper-1" in model.value.message and "tiny.en" in model.value.message
+    with pytest.raises(openai.BadRequestError) as words:
+        create(SPEECH, response_format="verbose_json", timestamp_granularities=["word"])
+    assert words.value.param == "timestamp_granularities[]"
+    with pytest.raises(openai.BadRequestError) as language:
+        create(SPEECH, language="de")
+    assert language.value.param == "language"
+    poor = gateway.issue(seconds=10)
+    with pytest.raises(openai.RateLimitError) as broke:
+        create(SPEECH, gateway.sdk(poor))
+    assert broke.value.code == "insufficient_credit"
+    assert broke.value.response.headers["x-should-retry"] == "false"
+
+    balance = gateway.get(code, "/v1/credits")
+    assert (balance["spent_seconds"], balance["reserved_seconds"], balance["uses"]) == (0, 0, 0)
+    assert gateway.get(code, "/v1/transcriptions")["data"] == []
+    assert gateway.services.blobs.list("jobs") == []
+    # The native API keeps its own status for the same refusal.
+    native = httpx.post(
+        gateway.url + "/v1/transcriptions",
+        headers=auth(poor),
+        files={"file": ("speech.mp3", SPEECH.read_bytes(), "audio/mpeg")},
+    )
+    assert (native.status_code, native.json()["error"]["code"]) == (402, "insufficient_credit")
+
+
+def test_models_lists_what_the_endpoint_accepts(start_gateway: StartGateway) -> None:
+    gateway = start_gateway(NOWHERE)
+    client = gateway.sdk(gateway.issue())
+    assert [m.id for m in client.models.list()] == ["whisper-1", "tiny.en"]
+    assert client.models.retrieve("tiny.en").owned_by == "openai"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.AuthenticationError):
+        gateway.sdk("wt_unknown").models.list()
+
+
+@pytest.mark.slow
+def test_a_job_past_the_wait_answers_with_its_id_and_goes_on(
+    start_gateway: StartGateway, whisper_server: WhisperServer, fault_proxy: StartProxy
+) -> None:
+    # The first request to the engine stalls for 3 s, then the connection drops and is retried.
+    proxy = fault_proxy(whisper_server.root, script=["stall"], stall_seconds=3)
+    gateway = start_gateway(proxy.base_url, sync_wait_seconds=1)
+    code = gateway.issue()
+    with SPEECH.open("rb") as file, pytest.raises(openai.ConflictError) as pending:
+        gateway.sdk(code).audio.transcriptions.create(file=file, model="whisper-1")
+    job_id = pending.value.param
+    assert pending.value.code == "transcription_pending"
+    assert isinstance(job_id, str) and job_id in pending.value.message
+    assert isinstance(pending.value.body, dict) and pending.value.body["job_id"] == job_id
+
+    def finished() -> dict[str, Any] | None:
+        job: dict[str, Any] = gateway.get(code, f"/v1/transcriptions/{job_id}")
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    job = eventually(finished, timeout=120, what="the job finishing after the answer")
+    assert job["status"] == "succeeded" and wer(script(1), job["text"]) <= MAX_WER
+    assert gateway.get(code, "/v1/credits")["spent_seconds"] == SPEECH_SECONDS
+
+
+def test_a_caller_that_hangs_up_cancels_its_job_and_pays_nothing(
+    start_gateway: StartGateway, fault_proxy: StartProxy
+) -> None:
+    proxy = fault_proxy(NOWHERE, fault_rate=1.0, faults=("stall",), stall_seconds=30)
+    gateway = start_gateway(proxy.base_url, timeout=5.0)
+    code = gateway.issue()
+    impatient = gateway.sdk(code, timeout=2.0, max_retries=0)
+    with SPEECH.open("rb") as file, pytest.raises(openai.APITimeoutError):
+        impatient.audio.transcriptions.create(file=file, model="whisper-1")
+
+    def refunded() -> dict[str, Any] | None:
+        balance: dict[str, Any] = gateway.get(code, "/v1/credits")
+        return balance if balance["reserved_seconds"] == 0 else None
+
+    balance = eventually(refunded, timeout=30, what="the refund")
+    assert (balance["spent_seconds"], balance["uses"]) == (0, 0)
+    (job,) = gateway.get(code, "/v1/transcriptions")["data"]
+    assert job["status"] == "cancelled"

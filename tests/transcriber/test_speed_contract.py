@@ -1,0 +1,114 @@
+"""What the speed targets rest on, checked without timing: the model is loaded once however many
+jobs run, accurate mode really feeds the decoder the previous text, fast-mode segments are split
+for subtitles, and uploads enter the local blob store without being copied."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from faster_whisper import WhisperModel
+from faster_whisper.transcribe import Segment as WhisperSegment
+
+from tests.fixtures.gateway import MakeClient, auth, eventually, issue_code, submit
+from tests.speech import repeated_speech
+from transcriber.engines import default_threads
+from transcriber.engines.local import LocalEngine, _timed_sentences
+from transcription.blobstore.local import LocalBlobStore
+
+SPEECH = Path(__file__).parents[1] / "data" / "speech.mp3"
+
+
+@pytest.mark.slow
+def test_several_jobs_through_the_gateway_load_the_model_once(make_client: MakeClient) -> None:
+    engine = LocalEngine(cpu_threads=default_threads(2))
+    client = make_client(engine=engine, concurrency=2)
+    code = issue_code(client, seconds=3600, max_uses=3).code
+    ids = []
+    for mode in ("fast", "accurate", "fast"):
+        response = submit(client, code, SPEECH, data={"mode": mode})
+        assert response.status_code == 202, response.text
+        ids.append(response.json()["id"])
+
+    def finished() -> list[dict[str, Any]] | None:
+        jobs = [client.get(f"/v1/transcriptions/{i}", headers=auth(code)).json() for i in ids]
+        return jobs if all(j["status"] == "succeeded" for j in jobs) else None
+
+    jobs = eventually(finished, timeout=600, what="three real transcriptions")
+    assert [j["mode"] for j in jobs] == ["fast", "accurate", "fast"]
+    assert engine.loads == 1
+
+
+@pytest.mark.slow
+def test_accurate_mode_gives_the_decoder_the_previous_text(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    audio = tmp_path / "long.mp3"
+    repeated_speech(audio, 2)  # over a minute: several 30-second windows
+    context: list[int] = []
+    real = WhisperModel.get_prompt
+
+    def recording(
+        self: WhisperModel, tokenizer: Any, previous_tokens: list[int], *a: Any, **k: Any
+    ) -> Any:
+        context.append(len(previous_tokens))
+        return real(self, tokenizer, previous_tokens, *a, **k)
+
+    monkeypatch.setattr(WhisperModel, "get_prompt", recording)
+    engine = LocalEngine(cpu_threads=default_threads())
+
+    accurate = engine.transcribe(audio, mode="accurate")
+    assert accurate.extra["condition_on_previous_text"] is True
+    assert len(context) >= 2 and context[0] == 0
+    assert all(n > 0 for n in context[1:]), context
+
+    context.clear()
+    fast = engine.transcribe(audio, mode="fast")
+    assert fast.extra["condition_on_previous_text"] is False
+    assert context and all(n == 0 for n in context), context
+
+
+def test_fast_mode_chunks_are_split_into_sentences_timed_by_length() -> None:
+    text = " One two three. Four five six seven eight nine! Ten?"
+    piece = WhisperSegment(
+        id=1,
+        seek=0,
+        start=10.0,
+        end=30.0,
+        text=text,
+        tokens=[],
+        avg_logprob=-0.1,
+        compression_ratio=1.0,
+        no_speech_prob=0.0,
+        words=None,
+        temperature=0.0,
+    )
+    parts = _timed_sentences(piece)
+    assert [p[2] for p in parts] == ["One two three.", "Four five six seven eight nine!", "Ten?"]
+    assert parts[0][0] == 10.0 and parts[-1][1] == 30.0
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+    lengths = [end - start for start, end, _ in parts]
+    assert lengths[1] > lengths[0] > lengths[2]
+
+
+def test_a_private_upload_is_linked_into_the_local_store_not_copied(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs")
+    upload = tmp_path / "upload.part"
+    upload.write_bytes(b"ID3 not really audio")
+    upload.chmod(0o600)
+    store.put_file("jobs/tr_a/audio.mp3", upload)
+    stored = store.local_path("jobs/tr_a/audio.mp3")
+    assert os.path.samefile(stored, upload)
+    upload.unlink()
+    assert stored.read_bytes() == b"ID3 not really audio"
+
+    shared = tmp_path / "shared.mp3"
+    shared.write_bytes(b"readable by others")
+    shared.chmod(0o644)
+    store.put_file("jobs/tr_b/audio.mp3", shared)
+    copy = store.local_path("jobs/tr_b/audio.mp3")
+    assert not os.path.samefile(copy, shared)
+    assert (copy.stat().st_mode & 0o777) == 0o600
