@@ -60,7 +60,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     load_before = load_average()
-    warmup, _ = speech(1)
+    warmup, _ = speech(0.5)
     rows: list[list[object]] = []
     verdicts: list[str] = []
     with ours() as service, faster_whisper_server() as base_url:

@@ -56,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
     load_before = load_average()
     audio, _ = speech(args.minutes)
-    warmup, _ = speech(1)
+    warmup, _ = speech(0.5)
     rows: list[list[object]] = []
 
     def row(name: str, total: float, latencies: list[float]) -> None:

@@ -31,6 +31,8 @@ from transcription.states import CreditState
 
 CODE_PREFIX = "wt_"
 CODE_ID_PREFIX = "cc_"
+#: 22 URL-safe base64 characters carry 132 bits.
+MIN_SECRET_CHARS = 22
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,12 @@ def issue_code(
         raise InvalidRequest("A code must be worth at least one second.", param="seconds")
     if max_uses < 1:
         raise InvalidRequest("A code must allow at least one use.", param="max_uses")
+    if code is not None and (
+        not code.startswith(CODE_PREFIX) or len(code) - len(CODE_PREFIX) < MIN_SECRET_CHARS
+    ):
+        raise InvalidRequest(
+            f"A code must start with {CODE_PREFIX!r} and carry at least 128 bits.", param="code"
+        )
     code = code or generate_code()
     record = CreditCode(
         id=code_id or new_id(CODE_ID_PREFIX),
@@ -108,7 +116,8 @@ def authenticate(session: Session, key: bytes, code: str) -> CreditCode:
 def get_code(session: Session, code_id: str, *, for_update: bool = False) -> CreditCode:
     stmt = select(CreditCode).where(CreditCode.id == code_id)
     if for_update:
-        stmt = stmt.with_for_update()
+        # The session may hold a stale copy that a conditional UPDATE changed underneath.
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     record = session.scalar(stmt)
     if record is None:
         raise NotFound(f"No credit code with ID {code_id!r}.", param="id")
@@ -130,6 +139,8 @@ def ensure_usable(record: CreditCode, now: datetime | None = None) -> None:
 
 def reserve(session: Session, code_id: str, job_id: str, seconds: int) -> None:
     """Hold ``seconds`` and one use of the code for the job, or raise why it cannot."""
+    if seconds < 1:
+        raise InvalidRequest("A reservation must be at least one second.", param="seconds")
     now = utcnow()
     result = session.execute(
         update(CreditCode)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import re
 import shlex
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import AliasChoices
+from pydantic_settings import BaseSettings
 
 from tests.charts.conftest import CHART, NAMESPACE, REQUIRED, ROOT, Helm, Render
+from transcription import resources
+from transcription.settings import GatewaySettings, OperatorSettings
+from transcription_operator import builders
 
 K8S_VERSION = "1.35.0"
 GKE_VALUES = CHART / "ci" / "gke-values.yaml"
@@ -31,6 +35,7 @@ EVERYTHING = (
     "--set", "cloudSqlProxy.enabled=true",
     "--set", "cloudSqlProxy.instanceConnectionName=p:r:i",
     "--set", "operator.kueueQueueName=transcription",
+    "--set", "imagePullSecrets[0].name=regcred",
 )  # fmt: skip
 
 
@@ -40,6 +45,12 @@ def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return next(o for o in by_kind(objects, kind) if o["metadata"]["name"] == name)
+
+
+def container(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The main container of a Deployment or Job."""
+    first: dict[str, Any] = named(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]
+    return first
 
 
 def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -123,11 +134,15 @@ def test_every_rendered_object_is_valid_for_kubernetes_1_35(render: Render, shap
 
 
 def test_the_chart_crds_are_the_repository_crds(render: Render) -> None:
-    rendered = {c["metadata"]["name"]: c for c in by_kind(render(*REQUIRED), "CustomResourceDefinition")}
+    rendered = {
+        c["metadata"]["name"]: c for c in by_kind(render(*REQUIRED), "CustomResourceDefinition")
+    }
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         source = yaml.safe_load(path.read_text())
         copy = CHART / "files" / "crds" / path.name
-        assert copy.read_text() == path.read_text(), f"copy {path} to {copy}"
+        assert copy.read_text() == path.read_text(), (
+            "regenerate with: python -m transcription_operator.crds charts/whisper/files/crds"
+        )
         crd = rendered.pop(source["metadata"]["name"])
         assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
         assert crd["metadata"].pop("labels")["app.kubernetes.io/managed-by"] == "Helm"
@@ -157,10 +172,23 @@ def test_a_values_typo_fails_naming_it(helm: Helm, flag: str, named_in_error: st
     assert named_in_error in done.stderr, done.stderr
 
 
-def test_a_missing_bucket_fails_saying_what_to_set(helm: Helm) -> None:
-    done = helm("template", "whisper", str(CHART), check=False)
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ((), "config.blobUrl is required"),
+        ((*REQUIRED, "--set", "cloudSqlProxy.enabled=true"),
+         "cloudSqlProxy.instanceConnectionName is required"),
+        ((*REQUIRED, "--set", "gateway.httpRoute.enabled=true"),
+         "gateway.httpRoute.parentRefs needs at least one Gateway"),
+        ((*REQUIRED, "--set", "database.existingSecret="), "/database/existingSecret"),
+    ],
+)  # fmt: skip
+def test_a_missing_required_value_fails_saying_what_to_set(
+    helm: Helm, flags: tuple[str, ...], message: str
+) -> None:
+    done = helm("template", "whisper", str(CHART), *flags, check=False)
     assert done.returncode != 0
-    assert "config.blobUrl is required" in done.stderr, done.stderr
+    assert message in done.stderr, done.stderr
 
 
 def uncommented_values(lines: list[str]) -> list[str]:
@@ -217,21 +245,22 @@ def test_rbac_is_the_least_privilege_of_deploy_rbac(render: Render) -> None:
 @pytest.mark.parametrize("shape", [*SHAPES, "everything"])
 def test_every_pod_runs_locked_down(render: Render, shape: str) -> None:
     specs = pod_specs(render(*SHAPES.get(shape, EVERYTHING)))
-    assert {"Deployment/whisper-gateway", "Deployment/whisper-operator", "Job/whisper-migrate"} <= set(specs)  # fmt: skip
+    expected = {"Deployment/whisper-gateway", "Deployment/whisper-operator", "Job/whisper-migrate"}
+    assert expected <= set(specs)
     for where, spec in specs.items():
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True, where
         assert pod["seccompProfile"] == {"type": "RuntimeDefault"}, where
         volumes = {v["name"]: v for v in spec["volumes"]}
-        for container in [*spec.get("initContainers", []), *spec["containers"]]:
-            what = f"{where} {container['name']}"
-            sc = container["securityContext"]
+        for each in [*spec.get("initContainers", []), *spec["containers"]]:
+            what = f"{where} {each['name']}"
+            sc = each["securityContext"]
             assert sc["readOnlyRootFilesystem"] is True, what
             assert sc["allowPrivilegeEscalation"] is False, what
             assert sc["capabilities"]["drop"] == ["ALL"], what
-            assert container["resources"]["requests"], what
-            if container["name"] != "cloud-sql-proxy":
-                mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            assert each["resources"]["requests"], what
+            if each["name"] != "cloud-sql-proxy":
+                mounts = {m["mountPath"]: m["name"] for m in each["volumeMounts"]}
                 for path in ("/tmp", "/data"):
                     assert "emptyDir" in volumes[mounts[path]], f"{what} has no writable {path}"
 
@@ -252,7 +281,7 @@ def test_the_gke_shape_wires_database_bucket_secrets_and_the_proxy(render: Rende
     assert env["WHISPER_RUNNER"] == "kubernetes"
     assert env["WHISPER_ADMIN_TOKEN"]["secretKeyRef"]["key"] == "WHISPER_ADMIN_TOKEN"
     assert env["WHISPER_MIGRATE_ON_START"] == "false", "the hook migrates; replicas must not race"
-    operator = env_of(named(objects, "Deployment", "whisper-operator")["spec"]["template"]["spec"]["containers"][0])  # fmt: skip
+    operator = env_of(container(objects, "Deployment", "whisper-operator"))
     assert operator["WHISPER_TRANSCRIBER_IMAGE"] == (
         "europe-west1-docker.pkg.dev/my-project/whisper/transcriber:0.1.0"
     )
@@ -260,27 +289,54 @@ def test_the_gke_shape_wires_database_bucket_secrets_and_the_proxy(render: Rende
     assert operator["WHISPER_TRANSCRIBER_ENV_SECRET"] == "whisper-transcriber"
 
 
+def setting_names(cls: type[BaseSettings]) -> set[str]:
+    names = set()
+    for name, info in cls.model_fields.items():
+        names.add(f"WHISPER_{name.upper()}")
+        if isinstance(info.validation_alias, AliasChoices):
+            names.update(str(c) for c in info.validation_alias.choices)
+    return names
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, "everything"])
+def test_every_variable_the_chart_sets_is_one_the_code_reads(render: Render, shape: str) -> None:
+    objects = render(*SHAPES.get(shape, EVERYTHING))
+    reads: dict[str, type[BaseSettings]] = {
+        "whisper-gateway": GatewaySettings,
+        "whisper-operator": OperatorSettings,
+        "whisper-migrate": GatewaySettings,
+    }
+    for name, cls in reads.items():
+        kind = "Job" if name == "whisper-migrate" else "Deployment"
+        env = env_of(container(objects, kind, name))
+        assert set(env) - {"HOME"} <= setting_names(cls), name
+        plain = {
+            k.removeprefix("WHISPER_").lower(): v for k, v in env.items() if isinstance(v, str)
+        }
+        cls.model_validate({k: v for k, v in plain.items() if k in cls.model_fields})
+
+
 def test_the_service_maps_port_80_to_an_unprivileged_container_port(render: Render) -> None:
     objects = render(*REQUIRED)
     (port,) = named(objects, "Service", "whisper-gateway")["spec"]["ports"]
-    container = named(objects, "Deployment", "whisper-gateway")["spec"]["template"]["spec"]["containers"][0]  # fmt: skip
-    (target,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    gateway = container(objects, "Deployment", "whisper-gateway")
+    (target,) = [p for p in gateway["ports"] if p["name"] == port["targetPort"]]
     assert port["port"] == 80 and target["containerPort"] >= 1024
-    assert env_of(container)["WHISPER_PORT"] == str(target["containerPort"])
-    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert env_of(gateway)["WHISPER_PORT"] == str(target["containerPort"])
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
 
 
 def test_the_operator_is_a_single_recreated_replica_with_kopf_liveness(render: Render) -> None:
     deployment = named(render(*REQUIRED), "Deployment", "whisper-operator")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    liveness = next(a for a in container["args"] if a.startswith("--liveness="))
-    probe = container["livenessProbe"]["httpGet"]
-    port = next(p["containerPort"] for p in container["ports"] if p["name"] == probe["port"])
+    (operator,) = deployment["spec"]["template"]["spec"]["containers"]
+    liveness = next(a for a in operator["args"] if a.startswith("--liveness="))
+    probe = operator["livenessProbe"]["httpGet"]
+    port = next(p["containerPort"] for p in operator["ports"] if p["name"] == probe["port"])
     assert liveness == f"--liveness=http://0.0.0.0:{port}{probe['path']}"
-    assert f"--namespace={NAMESPACE}" in container["args"]
-    assert "readinessProbe" not in container
+    assert f"--namespace={NAMESPACE}" in operator["args"]
+    assert "readinessProbe" not in operator
 
 
 def test_optional_parts_render_when_switched_on(render: Render) -> None:
@@ -307,19 +363,18 @@ def test_migrations_run_in_a_hook_before_install_and_upgrade(render: Render) -> 
 def test_network_policies_admit_only_the_gateway_port(render: Render) -> None:
     objects = render(*REQUIRED)
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(objects, "NetworkPolicy")}
-    assert policies["whisper-gateway"]["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    assert policies["whisper-gateway"]["ingress"] == [
+        {"ports": [{"port": 8080, "protocol": "TCP"}]}
+    ]
     for closed in ("whisper-operator", "whisper-transcriber"):
         assert policies[closed]["policyTypes"] == ["Ingress"]
         assert "ingress" not in policies[closed]
     # The transcriber policy must select the pods the operator's Jobs make.
-    from transcription.settings import OperatorSettings
-    from transcription_operator import builders
-    from transcription import resources
-
     spec = resources.TranscriptionJobSpec(audio_key="a", audio_seconds=1.0, code_id="cc_1")
     tj = {"apiVersion": "v1", "kind": "TranscriptionJob",
           "metadata": {"name": "tr-1", "namespace": NAMESPACE, "uid": "u"}}  # fmt: skip
-    job = builders.transcriber_job(tj, "tr_1", spec, OperatorSettings(_env_file=None))  # type: ignore[call-arg]
+    settings = OperatorSettings(_env_file=None)
+    job = builders.transcriber_job(tj, "tr_1", spec, settings)
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
     selector = policies["whisper-transcriber"]["podSelector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
@@ -331,7 +386,7 @@ def test_notes_tell_how_to_mint_a_code_and_submit_a_file(helm: Helm, render: Ren
     assert "port-forward service/whisper-gateway 8080:80" in notes
     assert "get secret first-code" in notes and "/v1/transcriptions" in notes
     assert "get transcriptionjobs" in notes
-    manifest = re.search(r"cat <<'YAML'.*?\n(.*?)\n\s*YAML\n", notes, re.S)
+    manifest = re.search(r"^cat <<'YAML'.*?\n(.*?)\nYAML\n", notes, re.S | re.M)
     assert manifest is not None
     credit_code = yaml.safe_load(textwrap.dedent(manifest.group(1)))
     # The CreditCode NOTES shows must be one the chart's own CRD accepts.
@@ -343,18 +398,43 @@ def guide_blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(), re.S)
 
 
-def test_every_helm_command_of_the_guide_renders(helm: Helm) -> None:
+def guide_variables() -> dict[str, str]:
+    """The example names the guide exports (``export NAME=value``), computed ones left out."""
+    names: dict[str, str] = {}
+    for block in guide_blocks("bash"):
+        for line in block.splitlines():
+            if line.startswith("export ") and "$(" not in line:
+                for assignment in shlex.split(line)[1:]:
+                    name, _, value = assignment.partition("=")
+                    names[name] = expand(value, names)
+    return names
+
+
+def expand(text: str, names: dict[str, str]) -> str:
+    return re.sub(r"\$(\w+)", lambda m: names[m.group(1)], text)
+
+
+def test_every_helm_install_of_the_guide_renders(helm: Helm) -> None:
+    names = guide_variables()
+    assert {"PROJECT", "REGION", "REPO", "BUCKET", "GSA", "HOST"} <= names.keys()
     commands = [
-        shlex.split(line)
+        shlex.split(expand(line, names))
         for block in guide_blocks("bash")
         for line in block.replace("\\\n", " ").splitlines()
         if line.startswith(("helm install", "helm upgrade"))
     ]
-    assert len(commands) >= 2, "the guide installs and upgrades with helm"
+    assert commands, "the guide installs with helm"
     for command in commands:
         flags = [a for a in command[2:] if a not in ("--install", "--wait", "--atomic")]
         assert str(GKE_VALUES.relative_to(ROOT)) in flags, command
-        helm("template", *flags)
+        objects = [d for d in yaml.safe_load_all(helm("template", *flags).stdout) if d]
+        accounts = by_kind(objects, "ServiceAccount")
+        assert {a["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+                for a in accounts} == {names["GSA"]}  # fmt: skip
+        (proxy,) = pod_specs(objects)["Deployment/whisper-gateway"]["initContainers"]
+        assert proxy["args"][-1] == f"{names['PROJECT']}:{names['REGION']}:whisper"
+        (route,) = by_kind(objects, "HTTPRoute")
+        assert route["spec"]["hostnames"] == [names["HOST"]]
 
 
 def test_the_guide_credit_code_is_valid(render: Render) -> None:

@@ -119,7 +119,7 @@ def test_every_response_format_works_through_the_sdk_and_charges_once(
             answers[fmt] = client.audio.transcriptions.create(
                 file=file,
                 model="tiny.en" if fmt == "srt" else "whisper-1",
-                response_format=fmt,  # type: ignore[arg-type]
+                response_format=fmt,
                 # The SDK sends no Idempotency-Key of its own; with one, an upload is one job.
                 extra_headers={"Idempotency-Key": "talk-1"},
                 extra_body={"mode": "accurate"},
@@ -148,7 +148,11 @@ def test_every_response_format_works_through_the_sdk_and_charges_once(
     balance = gateway.get(code, "/v1/credits")
     assert (balance["spent_seconds"], balance["uses"]) == (SPEECH_SECONDS, 1)
     (job,) = gateway.get(code, "/v1/transcriptions")["data"]
-    assert (job["mode"], job["model"], job["charged_seconds"]) == ("accurate", "tiny.en", 39)
+    assert (job["mode"], job["model"], job["charged_seconds"]) == (
+        "accurate",
+        "tiny.en",
+        SPEECH_SECONDS,
+    )
 
     # The code is single-use: another upload is refused the way OpenAI refuses an empty quota.
     with SPEECH.open("rb") as file, pytest.raises(openai.RateLimitError) as exhausted:
@@ -234,6 +238,7 @@ def test_a_job_past_the_wait_answers_with_its_id_and_goes_on(
     assert pending.value.code == "transcription_pending"
     assert isinstance(job_id, str) and job_id in pending.value.message
     assert isinstance(pending.value.body, dict) and pending.value.body["job_id"] == job_id
+    assert pending.value.response.headers["x-should-retry"] == "false"
 
     def finished() -> dict[str, Any] | None:
         job: dict[str, Any] = gateway.get(code, f"/v1/transcriptions/{job_id}")
@@ -262,3 +267,20 @@ def test_a_caller_that_hangs_up_cancels_its_job_and_pays_nothing(
     assert (balance["spent_seconds"], balance["uses"]) == (0, 0)
     (job,) = gateway.get(code, "/v1/transcriptions")["data"]
     assert job["status"] == "cancelled"
+
+
+def test_a_job_the_engine_cannot_do_is_a_502_that_names_it_and_refunds(
+    start_gateway: StartGateway, fault_proxy: StartProxy
+) -> None:
+    proxy = fault_proxy(NOWHERE, fault_rate=1.0, faults=("500",))
+    gateway = start_gateway(proxy.base_url)
+    code = gateway.issue()
+    with SPEECH.open("rb") as file, pytest.raises(openai.InternalServerError) as failed:
+        gateway.sdk(code).audio.transcriptions.create(file=file, model="whisper-1")
+    assert failed.value.status_code == 502
+    assert failed.value.code == "engine_unavailable"
+    assert "HTTP 500" in failed.value.message and "refunded" in failed.value.message
+    assert failed.value.param is not None and failed.value.param.startswith("tr_")
+    assert len(proxy.transcriptions()) == 3  # the engine's own retries; the SDK made none
+    balance = gateway.get(code, "/v1/credits")
+    assert (balance["spent_seconds"], balance["reserved_seconds"], balance["uses"]) == (0, 0, 0)

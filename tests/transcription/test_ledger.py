@@ -332,11 +332,6 @@ def test_max_uses_cannot_drop_below_the_uses_made(db: Database) -> None:
     assert counters(db, code_id) == {"budget": 100, "reserved": 30, "spent": 0, "uses": 3}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IntegrityError,
-    reason="set_max_uses reads uses from the session's identity map, stale after reserve()",
-)
 def test_max_uses_check_sees_uses_made_in_the_same_transaction(db: Database) -> None:
     """The max_uses check counts a reservation made earlier in the same session."""
     with db.transaction() as session:

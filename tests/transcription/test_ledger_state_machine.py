@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import ClassVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -93,7 +93,6 @@ def has_resolved_jobs(machine: LedgerMachine) -> bool:
     stateful_step_count=30,
     deadline=None,
     database=None,
-    suppress_health_check=[HealthCheck.too_slow],
 )
 class LedgerMachine(RuleBasedStateMachine):
     """Runs on ``db``, a migrated PostgreSQL schema that is emptied after each example.

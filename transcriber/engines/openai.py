@@ -25,7 +25,7 @@ import openai
 
 from transcriber.engines.base import Checkpoints, Mode, ProgressCallback
 from transcriber.mp3chunks import Chunk, plan_chunks, write_chunk
-from transcription.errors import TranscriptionFailed
+from transcription.errors import EngineUnavailable, TranscriptionFailed
 from transcription.transcript import Segment, TranscriptResult
 
 DEFAULT_MODEL = "whisper-1"
@@ -254,49 +254,49 @@ class OpenAIEngine:
             **options,
         )
 
-    def _failure(self, exc: openai.OpenAIError, chunk: Chunk, count: int) -> TranscriptionFailed:
+    def _failure(self, exc: openai.OpenAIError, chunk: Chunk, count: int) -> EngineUnavailable:
         """A message that says what went wrong with which part, once the retries are spent."""
         part = f"part {chunk.index + 1} of {count} ({_clock(chunk.start)}-{_clock(chunk.end)})"
         tries = f"{self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
         server = "The transcription API"
         if isinstance(exc, openai.APITimeoutError):
-            return TranscriptionFailed(
+            return EngineUnavailable(
                 f"{server} did not answer {part} within {self.timeout:g} s ({tries}).",
                 code="engine_timeout",
             )
         if isinstance(exc, openai.APIConnectionError):
-            return TranscriptionFailed(
+            return EngineUnavailable(
                 f"{server} could not be reached at {self.client.base_url} for {part} ({tries}).",
                 code="engine_unreachable",
             )
         if isinstance(exc, openai.RateLimitError):
-            return TranscriptionFailed(
+            return EngineUnavailable(
                 f"{server} kept answering 429 (rate limited) for {part} ({tries}): {_said(exc)}",
                 code="engine_rate_limited",
             )
         if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-            return TranscriptionFailed(
+            return EngineUnavailable(
                 f"{server} refused the configured API key ({exc.status_code}): {_said(exc)}",
                 code="engine_unauthorized",
             )
         if isinstance(exc, openai.APIStatusError) and exc.status_code == 413:
-            return TranscriptionFailed(
+            return EngineUnavailable(
                 f"{server} refused {part} ({chunk.size / 1e6:.1f} MB) as too large (413); "
                 "lower WHISPER_OPENAI_MAX_CHUNK_BYTES.",
                 code="engine_rejected",
             )
         if isinstance(exc, openai.APIStatusError) and exc.status_code >= 500:
-            return TranscriptionFailed(
+            return EngineUnavailable(
                 f"{server} kept failing with HTTP {exc.status_code} for {part} ({tries}): "
                 f"{_said(exc)}",
                 code="engine_unavailable",
             )
         if isinstance(exc, openai.APIStatusError):
-            return TranscriptionFailed(
+            return EngineUnavailable(
                 f"{server} refused {part} with HTTP {exc.status_code}: {_said(exc)}",
                 code="engine_rejected",
             )
-        return TranscriptionFailed(f"{server} failed on {part}: {exc}", code="engine_error")
+        return EngineUnavailable(f"{server} failed on {part}: {exc}", code="engine_error")
 
 
 def _checkpoint_name(chunk: Chunk) -> str:
