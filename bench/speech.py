@@ -154,10 +154,10 @@ def make(minutes: float, seed: int, mp3: Path) -> str:
 def speech(minutes: float, seed: int = 1) -> tuple[Path, str]:
     """The cached speech file of ``minutes`` and its reference text, made on first use."""
     CACHE.mkdir(parents=True, exist_ok=True)
-    stem = CACHE / f"speech-{minutes:g}m-s{seed}"
-    mp3, txt = stem.with_suffix(".mp3"), stem.with_suffix(".txt")
+    stem = f"speech-{minutes:g}m-s{seed}"
+    mp3, txt = CACHE / f"{stem}.mp3", CACHE / f"{stem}.txt"
     if not (mp3.exists() and txt.exists()):
-        partial = mp3.with_suffix(".part.mp3")
+        partial = CACHE / f"{stem}.part.mp3"
         txt.write_text(make(minutes, seed, partial))
         partial.replace(mp3)
     return mp3, txt.read_text()

@@ -323,7 +323,7 @@ def test_a_non_bearer_authorization_header_is_a_missing_code(
 
 
 def test_nul_characters_never_crash_the_database(
-    make_client: MakeClient, db_url: str, mp3_5s: Path, request: pytest.FixtureRequest
+    db_url: str, make_client: MakeClient, mp3_5s: Path, request: pytest.FixtureRequest
 ) -> None:
     if db_url.startswith("postgresql"):
         request.applymarker(

@@ -94,7 +94,7 @@ def backend(request: pytest.FixtureRequest) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_speech_is_transcribed_accurately_and_charged_its_length(
-    make_client: MakeClient, local_engine: LocalEngine, backend: dict[str, str]
+    backend: dict[str, str], make_client: MakeClient, local_engine: LocalEngine
 ) -> None:
     client = make_client(engine=local_engine, **backend)
     issued = issue_code(client)
@@ -237,7 +237,7 @@ def test_a_job_is_invisible_to_every_other_code(make_client: MakeClient, mp3_5s:
 
 
 def test_cancelling_queued_and_running_jobs_refunds_everything(
-    make_client: MakeClient, db_url: str, mp3_5s: Path
+    db_url: str, make_client: MakeClient, mp3_5s: Path
 ) -> None:
     engine = BlockingEngine()
     client = make_client(engine=engine, db_url=db_url)
@@ -307,8 +307,8 @@ def test_deleting_a_finished_job_removes_its_transcripts_but_not_its_charge(
     ],
 )
 def test_a_failed_transcription_is_refunded_in_full_and_gives_the_use_back(
-    make_client: MakeClient,
     db_url: str,
+    make_client: MakeClient,
     mp3_5s: Path,
     error: Exception,
     code: str,
@@ -335,7 +335,7 @@ def test_a_failed_transcription_is_refunded_in_full_and_gives_the_use_back(
 
 
 def test_an_idempotency_key_replays_the_same_job_and_charges_once(
-    make_client: MakeClient, db_url: str, mp3_5s: Path, tmp_path: Path
+    db_url: str, make_client: MakeClient, mp3_5s: Path, tmp_path: Path
 ) -> None:
     client = make_client(db_url=db_url)
     issued = issue_code(client, max_uses=2)
@@ -394,7 +394,7 @@ def test_mode_language_and_prompt_reach_the_engine_and_are_shown_on_the_job(
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_jobs_left_by_a_stopped_app_are_finished_by_the_next_and_charged_once(
-    make_client: MakeClient, db_url: str, mp3_5s: Path
+    db_url: str, make_client: MakeClient, mp3_5s: Path
 ) -> None:
     blocking = BlockingEngine()
     first_app = make_client(engine=blocking, db_url=db_url)
