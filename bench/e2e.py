@@ -53,6 +53,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[10, 60])
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
+        "--upload-only-above",
+        type=float,
+        default=float("inf"),
+        help="Above this many minutes only measure the upload's memory (no transcription).",
+    )
+    parser.add_argument(
         "--skip-accurate-above",
         type=float,
         default=float("inf"),
@@ -73,6 +79,13 @@ def main() -> None:
         for minutes in args.minutes:
             audio, script = speech(minutes)
             seconds = minutes * 60
+            if minutes > args.upload_only_above:
+                growth = service.upload_growth(audio) / MiB
+                rows.append(
+                    [f"{minutes:g} min", "ours, upload only", "", "", "", f"{growth:.1f}", ""]
+                )
+                verdicts.append(verdict(f"{minutes:g} min: upload RSS growth, MiB", growth, 30))
+                continue
             full = minutes <= args.skip_accurate_above
             measured: dict[str, tuple[float, str]] = {}
             job_runs: dict[str, JobRun] = {}

@@ -129,8 +129,8 @@ class Ours:
                 seen.append((time.perf_counter() - started, job["progress"]))
             time.sleep(POLL_SECONDS)
 
-    def transcribe(self, audio: Path, mode: str) -> JobRun:
-        """Upload, wait, download the transcript: the whole user journey, timed."""
+    def measured_submit(self, client: httpx.Client, audio: Path, mode: str) -> tuple[str, int]:
+        """Submit, sampling the server's RSS until the 202: the job and how much RSS grew."""
         baseline = rss_bytes(self.pid)
         peak = [baseline]
         uploading = threading.Event()
@@ -142,18 +142,30 @@ class Ours:
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            job_id = self.submit(client, audio, mode)
+        finally:
+            uploading.clear()
+            sampler.join()
+        return job_id, peak[0] - baseline
+
+    def transcribe(self, audio: Path, mode: str) -> JobRun:
+        """Upload, wait, download the transcript: the whole user journey, timed."""
         with self.client() as client:
             started = time.perf_counter()
-            sampler.start()
-            try:
-                job_id = self.submit(client, audio, mode)
-            finally:
-                uploading.clear()
-                sampler.join()
+            job_id, growth = self.measured_submit(client, audio, mode)
             progress = self.wait(client, job_id, started)
             text = client.get(f"/v1/transcriptions/{job_id}/transcript.txt").text
             wall = time.perf_counter() - started
-        return JobRun(wall, text, peak[0] - baseline, progress)
+        return JobRun(wall, text, growth, progress)
+
+    def upload_growth(self, audio: Path) -> int:
+        """How much the server's RSS grows taking ``audio``; the job is cancelled at once."""
+        with self.client() as client:
+            job_id, growth = self.measured_submit(client, audio, "fast")
+            client.delete(f"/v1/transcriptions/{job_id}").raise_for_status()
+        return growth
 
 
 @contextmanager
