@@ -7,6 +7,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from transcription import errors as e
@@ -94,6 +95,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
+    # PostgreSQL refuses some values SQLite takes (a NUL character in text): the input's fault.
+    return JSONResponse(
+        error_body(
+            "The request contains a value that cannot be stored, such as a NUL character.",
+            "invalid_request_error",
+            "invalid_request",
+        ),
+        status_code=400,
+        headers=_headers(request, 400),
+    )
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(
@@ -107,4 +121,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(e.DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(DataError, _unstorable_value)
     app.add_exception_handler(Exception, _unexpected_error)

@@ -42,6 +42,13 @@ class Upload:
             self.path = None
 
 
+def human_size(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
+
+
 class _Receiver:
     """python-multipart callbacks writing the file part to disk and collecting fields."""
 
@@ -59,6 +66,7 @@ class _Receiver:
         self.hasher = hashlib.sha256()
         self.buffer = bytearray()
         self.fields = 0
+        self.ended = False
 
     def on_part_begin(self) -> None:
         self.disposition = b""
@@ -101,7 +109,7 @@ class _Receiver:
             self.upload.size += len(chunk)
             if self.upload.size > self.max_bytes:
                 raise UploadTooLarge(
-                    f"The file is larger than the {self.max_bytes // (1024 * 1024)} MiB limit.",
+                    f"The file is larger than the {human_size(self.max_bytes)} limit.",
                     param=self.file_field,
                 )
             self.hasher.update(chunk)
@@ -117,6 +125,9 @@ class _Receiver:
         else:
             value = self.buffer.decode("utf-8", "replace")
             self.upload.fields.setdefault(self.name, []).append(value)
+
+    def on_end(self) -> None:
+        self.ended = True
 
     def close(self) -> None:
         if self.sink is not None:
@@ -138,7 +149,7 @@ async def receive_upload(
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes + MAX_FIELD_BYTES:
         raise UploadTooLarge(
-            f"The file is larger than the {max_bytes // (1024 * 1024)} MiB limit.", param=file_field
+            f"The file is larger than the {human_size(max_bytes)} limit.", param=file_field
         )
     upload = Upload()
     receiver = _Receiver(upload, tmp_dir, max_bytes, file_field)
@@ -152,12 +163,18 @@ async def receive_upload(
             "on_header_value": receiver.on_header_value,
             "on_header_end": receiver.on_header_end,
             "on_headers_finished": receiver.on_headers_finished,
+            "on_end": receiver.on_end,
         },
     )
     try:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
+        if not receiver.ended:
+            raise InvalidRequest(
+                "The upload ended before its closing multipart boundary; send it again.",
+                param=file_field,
+            )
     except BaseException as exc:
         receiver.close()
         upload.discard()

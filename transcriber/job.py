@@ -19,7 +19,7 @@ from transcriber.engines import Engine, build_engine
 from transcriber.pipeline import Pipeline
 from transcription.blobstore import open_blob_store
 from transcription.db.session import Database
-from transcription.errors import DomainError
+from transcription.errors import DomainError, EngineUnavailable
 from transcription.lifecycle import Lifecycle
 from transcription.settings import WorkerSettings
 
@@ -73,6 +73,10 @@ def run_job(settings: JobSettings, engine: Engine | None = None) -> int:
                 transcriptId=transcript.id,
                 durationSeconds=round(transcript.duration_seconds, 3),
             )
+    except EngineUnavailable as exc:
+        # Not the audio's fault: let the Job's backoffLimit retry; checkpoints make it resume.
+        outcome.update(outcome="retrying", error={"code": exc.code, "message": exc.message})
+        code = 1
     except DomainError as exc:
         outcome.update(outcome="rejected", error={"code": exc.code, "message": exc.message})
         code = USER_ERROR_EXIT

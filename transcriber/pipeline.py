@@ -14,7 +14,7 @@ from transcriber.engines.base import Engine, Mode, is_resumable
 from transcription import lifecycle
 from transcription.blobstore import BlobStore
 from transcription.db.models import Job, Transcript
-from transcription.errors import DomainError
+from transcription.errors import DomainError, EngineUnavailable
 from transcription.lifecycle import Lifecycle, TranscriptRecord
 from transcription.transcript import FORMATS, MEDIA_TYPES, TranscriptResult, render
 
@@ -117,6 +117,8 @@ class Pipeline:
             log.info("job %s cancelled while running", job_id)
             self._cleanup(job, transcripts=True)
             return None
+        except EngineUnavailable:
+            raise
         except DomainError:
             self._cleanup(job, transcripts=True)
             raise

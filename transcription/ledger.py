@@ -31,6 +31,8 @@ from transcription.states import CreditState
 
 CODE_PREFIX = "wt_"
 CODE_ID_PREFIX = "cc_"
+#: Counters are 32-bit integers in the database.
+MAX_BUDGET_SECONDS = 2_000_000_000
 #: 22 URL-safe base64 characters carry 132 bits.
 MIN_SECRET_CHARS = 22
 
@@ -251,7 +253,11 @@ def top_up(session: Session, code_id: str, seconds: int) -> CreditCode:
     """Add ``seconds`` to the code's budget (an admin action)."""
     if seconds < 1:
         raise InvalidRequest("A top-up must add at least one second.", param="add_seconds")
-    get_code(session, code_id)
+    record = get_code(session, code_id, for_update=True)
+    if record.budget_seconds + seconds > MAX_BUDGET_SECONDS:
+        raise InvalidRequest(
+            f"A code's budget cannot exceed {MAX_BUDGET_SECONDS} seconds.", param="add_seconds"
+        )
     session.execute(
         update(CreditCode)
         .where(CreditCode.id == code_id)
