@@ -66,7 +66,7 @@ class Pipeline:
             return None
         try:
             result = self._transcribe(job)
-            uris = self._store(job.id, result)
+            record = self._store(job.id, result)
         except JobCancelled:
             log.info("job %s cancelled while running", job_id)
             self._cleanup(job, transcripts=True)
@@ -87,14 +87,7 @@ class Pipeline:
             return finished
         finished = self.lc.succeed(
             job_id,
-            TranscriptRecord(
-                text=result.text,
-                language=result.language,
-                duration_seconds=result.duration,
-                segment_count=len(result.segments),
-                uris=uris,
-                model=result.model or self.engine.model,
-            ),
+            record,
         )
         # A job cancelled after the engine finished keeps nothing it produced.
         self._cleanup(job, transcripts=finished is None)
@@ -112,7 +105,7 @@ class Pipeline:
             return recorded
         try:
             result = self._transcribe(job)
-            uris = self._store(job.id, result)
+            record = self._store(job.id, result)
         except JobCancelled:
             log.info("job %s cancelled while running", job_id)
             self._cleanup(job, transcripts=True)
@@ -124,14 +117,7 @@ class Pipeline:
             raise
         transcript = self.lc.record_transcript(
             job_id,
-            TranscriptRecord(
-                text=result.text,
-                language=result.language,
-                duration_seconds=result.duration,
-                segment_count=len(result.segments),
-                uris=uris,
-                model=result.model or self.engine.model,
-            ),
+            record,
         )
         self._cleanup(job, transcripts=transcript is None)
         return transcript
@@ -164,8 +150,9 @@ class Pipeline:
             self.blobs.download(key, path)
             yield path
 
-    def _store(self, job_id: str, result: TranscriptResult) -> dict[str, str]:
-        return {
+    def _store(self, job_id: str, result: TranscriptResult) -> TranscriptRecord:
+        """Write every rendering to the blob store; the returned record points at them."""
+        uris: dict[str, str] = {
             fmt: self.blobs.put_bytes(
                 lifecycle.transcript_key(job_id, fmt),
                 render(result, fmt).encode(),
@@ -173,6 +160,14 @@ class Pipeline:
             )
             for fmt in FORMATS
         }
+        return TranscriptRecord(
+            text=result.text,
+            language=result.language,
+            duration_seconds=result.duration,
+            segment_count=len(result.segments),
+            uris=uris,
+            model=result.model or self.engine.model,
+        )
 
     def _cleanup(self, job: Job, *, transcripts: bool) -> None:
         """The audio and checkpoints are not kept once the job is finished; nor are transcripts

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query
 from sqlalchemy import select
 
 from gateway.deps import AdminDep, ServicesDep, SessionDep
+from gateway.pagination import newest_first
 from gateway.routers.transcriptions import ERRORS, list_jobs
 from gateway.schemas import (
     CodeCreate,
@@ -19,7 +20,6 @@ from gateway.schemas import (
 )
 from transcription import ledger
 from transcription.db.models import CreditCode
-from transcription.errors import InvalidRequest
 from transcription.states import JobStatus
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[])
@@ -52,23 +52,8 @@ def list_codes(
     ] = None,
 ) -> ListResponse[CreditsOut]:
     """Every code, newest first."""
-    stmt = select(CreditCode)
-    if after is not None:
-        cursor = session.get(CreditCode, after)
-        if cursor is None:
-            raise InvalidRequest(f"Unknown cursor {after!r}.", param="after")
-        stmt = stmt.where(
-            (CreditCode.created_at < cursor.created_at)
-            | ((CreditCode.created_at == cursor.created_at) & (CreditCode.id < cursor.id))
-        )
-    rows = list(
-        session.scalars(
-            stmt.order_by(CreditCode.created_at.desc(), CreditCode.id.desc()).limit(limit + 1)
-        )
-    )
-    return ListResponse[CreditsOut](
-        data=[CreditsOut.build(r) for r in rows[:limit]], has_more=len(rows) > limit
-    )
+    rows, has_more = newest_first(session, CreditCode, select(CreditCode), after=after, limit=limit)
+    return ListResponse[CreditsOut](data=[CreditsOut.build(r) for r in rows], has_more=has_more)
 
 
 @router.get("/codes/{code_id}", response_model=CreditsOut, responses=ERRORS)

@@ -10,12 +10,13 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from gateway.deps import CodeDep, ServicesDep, SessionDep
+from gateway.pagination import newest_first
 from gateway.schemas import ErrorResponse, ListResponse, TranscriptionOut
 from gateway.services import Services
 from gateway.submission import accept_upload, cancel_job, job_options
 from transcription import lifecycle
 from transcription.db.models import CreditCode, Job, Transcript
-from transcription.errors import InvalidRequest, NotFound, TranscriptNotReady
+from transcription.errors import NotFound, TranscriptNotReady
 from transcription.states import JobStatus
 from transcription.transcript import FORMATS, MEDIA_TYPES
 
@@ -43,26 +44,16 @@ def list_jobs(
         stmt = stmt.where(Job.code_id == code_id)
     if status is not None:
         stmt = stmt.where(Job.status == status)
-    if after is not None:
-        cursor = session.get(Job, after)
-        if cursor is None:
-            raise InvalidRequest(f"Unknown cursor {after!r}.", param="after")
-        stmt = stmt.where(
-            (Job.created_at < cursor.created_at)
-            | ((Job.created_at == cursor.created_at) & (Job.id < cursor.id))
-        )
-    jobs = list(
-        session.scalars(stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
-    )
+    jobs, has_more = newest_first(session, Job, stmt, after=after, limit=limit)
     transcripts = {
         t.job_id: t
         for t in session.scalars(
-            select(Transcript).where(Transcript.job_id.in_([j.id for j in jobs[:limit]]))
+            select(Transcript).where(Transcript.job_id.in_([j.id for j in jobs]))
         )
     }
     return ListResponse[TranscriptionOut](
-        data=[TranscriptionOut.build(j, transcripts.get(j.id)) for j in jobs[:limit]],
-        has_more=len(jobs) > limit,
+        data=[TranscriptionOut.build(j, transcripts.get(j.id)) for j in jobs],
+        has_more=has_more,
     )
 
 
