@@ -85,15 +85,24 @@ def write_section(name: str, body: str) -> None:
     DOC.write_text(text)
 
 
-def report(name: str, title: str, context: str, body: str, verdicts: Sequence[str]) -> None:
-    """Print the results and record them in docs/benchmarks.md."""
+def report(
+    name: str,
+    title: str,
+    context: str,
+    body: str,
+    verdicts: Sequence[str],
+    *,
+    section_name: str | None = None,
+) -> None:
+    """Print the results and record them in docs/benchmarks.md under ``section_name``
+    (default: the script's name)."""
     section = (
         f"## {title}\n\n`python -m bench.{name} {' '.join(sys.argv[1:])}`".rstrip()
         + f"\n\n{context}\n\n{body}\n\n"
         + "\n".join(verdicts)
     )
     print(section)
-    write_section(name, section)
+    write_section(section_name or name, section)
 
 
 def wait_for(check: object, timeout: float, what: str, interval: float = 0.1) -> None:

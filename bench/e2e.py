@@ -187,10 +187,14 @@ def main() -> None:
     )
     report(
         "e2e",
-        "End to end: ours vs faster-whisper vs faster-whisper-server",
+        "End to end: ours vs faster-whisper vs faster-whisper-server, "
+        + ", ".join(f"{m:g}" for m in args.minutes)
+        + " min",
         context,
         body,
         verdicts,
+        # One section per set of lengths, so a short run does not erase a long one.
+        section_name="e2e-" + "-".join(f"{m:g}" for m in args.minutes),
     )
 
 

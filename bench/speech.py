@@ -121,16 +121,19 @@ def speak(text: str, voice: str, speed: int) -> np.ndarray:
 
 
 def make(minutes: float, seed: int, mp3: Path) -> str:
-    """Write ``minutes`` of speech to ``mp3``; return the reference script (paragraphs)."""
+    """Write at most ``minutes`` of speech to ``mp3``; return the reference script."""
     rng = random.Random(seed)
     target = int(minutes * 60 * RATE)
     pieces: list[np.ndarray] = []
     paragraphs: list[str] = []
     length = 0
-    while length < target:
+    while True:
         paragraph = " ".join(sentence(rng) for _ in range(rng.randint(2, 5)))
         audio = speak(paragraph, rng.choice(VOICES), rng.choice(SPEEDS))
         pause = np.zeros(int(rng.choice(PAUSES) * RATE), dtype=np.int16)
+        # Never longer than asked: an hour must stay within the service's one-hour limit.
+        if pieces and length + len(audio) + len(pause) > target:
+            break
         pieces += [audio, pause]
         paragraphs.append(paragraph)
         length += len(audio) + len(pause)
