@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -168,3 +168,18 @@ def _create_job(
         services.blobs.delete(key)
         raise
     return job
+
+
+def upload_request_body(**properties: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI for a multipart mp3 upload: the fields every upload takes, plus ``properties``."""
+    fields: dict[str, Any] = {
+        "file": {"type": "string", "format": "binary"},
+        "language": {"type": "string", "example": "en"},
+        "prompt": {"type": "string"},
+        "mode": {"type": "string", "enum": [m.value for m in Mode]},
+        **properties,
+    }
+    schema = {"type": "object", "required": ["file"], "properties": fields}
+    return {
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+    }

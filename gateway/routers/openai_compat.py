@@ -24,7 +24,13 @@ from gateway.errors import openai_dialect
 from gateway.routers.transcriptions import find_job
 from gateway.schemas import ErrorResponse
 from gateway.services import Services
-from gateway.submission import JobOptions, accept_upload, cancel_job, job_options
+from gateway.submission import (
+    JobOptions,
+    accept_upload,
+    cancel_job,
+    job_options,
+    upload_request_body,
+)
 from gateway.uploads import Upload
 from transcription import lifecycle
 from transcription.db.models import Job, Transcript
@@ -108,32 +114,17 @@ def parse_form(upload: Upload, services: Services) -> tuple[JobOptions, Form]:
     },
     response_class=Response,
     summary="Transcribe an mp3 and wait for it (OpenAI-compatible)",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "model": {"type": "string", "example": DEFAULT_MODEL},
-                            "language": {"type": "string", "example": "en"},
-                            "prompt": {"type": "string"},
-                            "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS)},
-                            "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-                            "timestamp_granularities[]": {
-                                "type": "array",
-                                "items": {"type": "string", "enum": ["segment"]},
-                            },
-                            "mode": {"type": "string", "enum": ["fast", "accurate"]},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=upload_request_body(
+        model={"type": "string", "example": DEFAULT_MODEL},
+        response_format={"type": "string", "enum": list(RESPONSE_FORMATS)},
+        temperature={"type": "number", "minimum": 0, "maximum": 1},
+        **{
+            "timestamp_granularities[]": {
+                "type": "array",
+                "items": {"type": "string", "enum": ["segment"]},
+            }
+        },
+    ),
 )
 async def create_transcription(
     request: Request,

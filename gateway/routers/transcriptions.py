@@ -13,7 +13,7 @@ from gateway.deps import CodeDep, ServicesDep, SessionDep
 from gateway.pagination import newest_first
 from gateway.schemas import ErrorResponse, ListResponse, TranscriptionOut
 from gateway.services import Services
-from gateway.submission import accept_upload, cancel_job, job_options
+from gateway.submission import accept_upload, cancel_job, job_options, upload_request_body
 from transcription import lifecycle
 from transcription.db.models import CreditCode, Job, Transcript
 from transcription.errors import NotFound, TranscriptNotReady
@@ -63,25 +63,7 @@ def list_jobs(
     response_model=TranscriptionOut,
     responses=ERRORS,
     summary="Submit an mp3 for transcription",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["file"],
-                        "properties": {
-                            "file": {"type": "string", "format": "binary"},
-                            "language": {"type": "string", "example": "en"},
-                            "prompt": {"type": "string"},
-                            "mode": {"type": "string", "enum": ["fast", "accurate"]},
-                        },
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=upload_request_body(),
 )
 async def create_transcription(
     request: Request,
