@@ -13,11 +13,26 @@ import math
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cache
+from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Insert,
+    Integer,
+    Select,
+    Update,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+from sqlalchemy.orm import Session, make_transient_to_detached
 
-from transcription.db.models import CreditCode, Job, LedgerEntry, utcnow
+from transcription.db.models import CreditCode, Job, LedgerEntry, UTCDateTime, utcnow
 from transcription.errors import (
     CodeExpired,
     CodeRevoked,
@@ -139,41 +154,106 @@ def ensure_usable(record: CreditCode, now: datetime | None = None) -> None:
         )
 
 
-def reserve(session: Session, code_id: str, job_id: str, seconds: int) -> None:
-    """Hold ``seconds`` and one use of the code for the job, or raise why it cannot."""
+def reserve(session: Session, job: Job) -> None:
+    """Hold the job's ``reserved_seconds`` and one use of its code, inserting the job and the
+    ledger row with it, or raise why the code cannot pay; ``job`` must not be in the database yet.
+
+    On PostgreSQL this is one prepared statement (a data-modifying CTE): a reservation is one
+    round trip, and the code's row stays locked only until the commit.
+    """
+    seconds = job.reserved_seconds
     if seconds < 1:
         raise InvalidRequest("A reservation must be at least one second.", param="seconds")
     now = utcnow()
-    result = session.execute(
-        update(CreditCode)
-        .where(
-            CreditCode.id == code_id,
-            CreditCode.revoked_at.is_(None),
-            (CreditCode.expires_at.is_(None)) | (CreditCode.expires_at > now),
-            CreditCode.uses < CreditCode.max_uses,
-            CreditCode.budget_seconds - CreditCode.spent_seconds - CreditCode.reserved_seconds
-            >= seconds,
-        )
-        .values(
-            reserved_seconds=CreditCode.reserved_seconds + seconds,
-            uses=CreditCode.uses + 1,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        record = get_code(session, code_id)
+    job.created_at = job.updated_at = now
+    params: dict[str, object] = {"code_id": job.code_id, "seconds": seconds, "now": now}
+    for column in Job.__table__.columns:
+        # Setting every column also keeps unset ones from reading as unloaded later.
+        value = getattr(job, column.key)
+        setattr(job, column.key, value)
+        params[f"job_{column.key}"] = value
+    connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        held = connection.execute(_reserve_in_one_statement(), params).first() is not None
+    else:
+        held = connection.execute(_hold(), params).rowcount == 1
+        if held:
+            connection.execute(insert(Job).values(_job_values()), params)
+            connection.execute(insert(LedgerEntry).values(_entry_values()), params)
+    if not held:
+        record = get_code(session, job.code_id)
         session.refresh(record)
         ensure_usable(record, now)
         raise InsufficientCredit(
             f"The audio needs {seconds} s of credit; this code has "
             f"{max(record.remaining_seconds, 0)} s left."
         )
-    session.add(
-        LedgerEntry(
-            code_id=code_id, job_id=job_id, kind="reserve", reserved_delta=seconds, uses_delta=1
+    # The row exists now: let the session track the object without inserting it again.
+    make_transient_to_detached(job)
+    session.add(job)
+
+
+# The reservation's statements are built once, with bound parameters, so SQLAlchemy's compiled
+# cache and psycopg's prepared statements make the hot path cheap.
+@cache
+def _hold() -> Update:
+    """Take the seconds and a use from the code only if it is usable and can pay."""
+    seconds, now = bindparam("seconds", type_=Integer), bindparam("now", type_=UTCDateTime())
+    return (
+        update(CreditCode)
+        .where(
+            CreditCode.id == bindparam("code_id"),
+            CreditCode.revoked_at.is_(None),
+            (CreditCode.expires_at.is_(None)) | (CreditCode.expires_at > now),
+            CreditCode.uses < CreditCode.max_uses,
+            CreditCode.budget_seconds - CreditCode.spent_seconds - CreditCode.reserved_seconds
+            >= seconds,
         )
+        .values(reserved_seconds=CreditCode.reserved_seconds + seconds, uses=CreditCode.uses + 1)
     )
-    session.flush()
+
+
+@cache
+def _job_values() -> dict[str, BindParameter[Any]]:
+    return {c.key: bindparam(f"job_{c.key}", type_=c.type) for c in Job.__table__.columns}
+
+
+@cache
+def _entry_values() -> dict[str, ColumnElement[Any]]:
+    return {
+        "code_id": bindparam("code_id"),
+        "job_id": bindparam("job_id"),  # the job's own "id" column, bound as job_id
+        "kind": literal("reserve"),
+        "budget_delta": literal(0),
+        "reserved_delta": bindparam("seconds", type_=Integer),
+        "spent_delta": literal(0),
+        "uses_delta": literal(1),
+        "created_at": bindparam("now", type_=UTCDateTime()),
+    }
+
+
+@cache
+def _reserve_in_one_statement() -> Insert:
+    """``WITH held AS (UPDATE code ... RETURNING id), entry AS (INSERT ledger row SELECT ...
+    FROM held) INSERT INTO jobs SELECT ... FROM held``: nothing is written unless the code paid."""
+    held = _hold().returning(CreditCode.id).cte("held")
+
+    def from_held(values: dict[str, Any]) -> Select[Any]:
+        return select(*values.values()).select_from(held)
+
+    entry = _entry_values()
+    ledger_row = (
+        insert(LedgerEntry)
+        .from_select(list(entry), from_held(entry))
+        .returning(LedgerEntry.id)
+        .cte("entry")
+    )
+    return (
+        insert(Job)
+        .from_select(list(_job_values()), from_held(_job_values()))
+        .returning(Job.id)
+        .add_cte(held, ledger_row)
+    )
 
 
 def _resolve(session: Session, job_id: str, to: CreditState) -> Job | None:

@@ -132,9 +132,7 @@ def submit(session: Session, new: NewJob) -> Job:
         model=new.model,
         attempts=0,
     )
-    session.add(job)
-    session.flush()
-    ledger.reserve(session, new.code_id, job.id, job.reserved_seconds)
+    ledger.reserve(session, job)
     return job
 
 

@@ -10,6 +10,20 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: CTranslate2's precisions (https://opennmt.net/CTranslate2/quantization.html).
+ComputeType = Literal[
+    "default",
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+]
+
 DEFAULT_DATA_DIR = Path("whisper-data")
 KEY_FILE_NAME = "code-secret"
 
@@ -78,6 +92,12 @@ class WorkerSettings(CoreSettings):
 
     cpu_threads: int = Field(0, ge=0, description="Inference threads; 0 = one per core.")
     batch_size: int = Field(8, ge=1, description="Batch size of the fast (batched) mode.")
+    compute_type: ComputeType = Field(
+        "int8", description="CTranslate2 precision of the local engine's fast mode."
+    )
+    accurate_compute_type: ComputeType = Field(
+        "float32", description="CTranslate2 precision of the local engine's accurate mode."
+    )
     progress_interval: float = Field(
         1.0, ge=0, description="Seconds between progress writes to the database."
     )

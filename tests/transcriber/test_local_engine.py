@@ -75,8 +75,11 @@ def test_accurate_mode_decodes_in_order_with_previous_text(runs: Runs) -> None:
 
 @pytest.mark.slow
 def test_one_engine_loads_the_model_once_for_several_jobs(engine: LocalEngine, runs: Runs) -> None:
+    """``runs`` used the engine in both modes; more jobs load nothing: one load per precision."""
     engine.transcribe(SPEECH)
-    assert engine.loads == 1
+    engine.transcribe(SPEECH, mode="accurate")
+    assert engine.loads == 2
+    assert engine.compute_types == {"fast": "int8", "accurate": "float32"}
 
 
 @pytest.mark.slow

@@ -179,6 +179,24 @@ def test_reserve_holds_audio_seconds_rounded_up(db: Database) -> None:
         }
 
 
+def test_the_submitted_job_is_the_stored_row_and_stays_tracked(db: Database) -> None:
+    """The job handed back by a submission is what was stored, and changing it in the same
+    transaction updates that row rather than inserting it twice."""
+    code_id = issue(db, 100).record.id
+    with db.transaction() as session:
+        job = submit(session, new_job(code_id, 12.5))
+        job.language = "en"
+    with db.transaction() as session:
+        stored = session.get(Job, job.id)
+        assert stored is not None
+        columns = [c.key for c in Job.__table__.columns if c.key != "updated_at"]
+        assert {c: getattr(stored, c) for c in columns} == {c: getattr(job, c) for c in columns}
+        assert stored.language == "en"
+        assert (stored.status, stored.progress, stored.attempts) == ("queued", 0.0, 0)
+    assert job_count(db) == 1
+    assert ledger_rows(db) == 2  # the code's issue and this reservation
+
+
 def test_codes_are_single_use_by_default(db: Database) -> None:
     """A second submission on a default code is refused even though budget is left."""
     code_id = issue(db, 100).record.id

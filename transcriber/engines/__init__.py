@@ -82,4 +82,6 @@ def build_engine(settings: WorkerSettings, *, concurrency: int = 1) -> Engine:
         # One CTranslate2 worker per concurrent job, or the jobs would queue for the model.
         num_workers=concurrency,
         batch_size=settings.batch_size,
+        compute_type=settings.compute_type,
+        accurate_compute_type=settings.accurate_compute_type,
     )

@@ -64,29 +64,36 @@ class LocalEngine:
         num_workers: int = 1,
         batch_size: int = 8,
         compute_type: str = "int8",
+        accurate_compute_type: str = "float32",
         device: str = "cpu",
     ) -> None:
         self._source, self.model = resolve_model(model)
         self.cpu_threads = cpu_threads
         self.num_workers = num_workers
         self.batch_size = batch_size
-        self.compute_type = compute_type
+        # Accurate mode trades int8's speed for the model's full precision (about 2x the time).
+        self.compute_types: dict[Mode, str] = {
+            "fast": compute_type,
+            "accurate": accurate_compute_type,
+        }
         self.device = device
         self.loads = 0
         # Seconds of audio the fast mode decodes per second, measured on the last batch.
         self.audio_per_second: float | None = None
-        self._whisper: WhisperModel | None = None
+        self._models: dict[str, WhisperModel] = {}
         self._lock = threading.Lock()
 
-    def load(self) -> WhisperModel:
-        """Load the model on first use (once, even with concurrent callers) and return it."""
+    def load(self, mode: Mode = "fast") -> WhisperModel:
+        """Load the model at the precision ``mode`` uses on first use (once, even with concurrent
+        callers) and return it."""
+        compute_type = self.compute_types[mode]
         with self._lock:
-            if self._whisper is None:
-                self._whisper = self._load()
+            if compute_type not in self._models:
+                self._models[compute_type] = self._load(compute_type)
                 self.loads += 1
-            return self._whisper
+            return self._models[compute_type]
 
-    def _load(self) -> WhisperModel:
+    def _load(self, compute_type: str) -> WhisperModel:
         try:
             from faster_whisper import WhisperModel
             from faster_whisper.utils import download_model
@@ -109,7 +116,7 @@ class LocalEngine:
             return WhisperModel(
                 str(directory),
                 device=self.device,
-                compute_type=self.compute_type,
+                compute_type=compute_type,
                 cpu_threads=self.cpu_threads,
                 num_workers=self.num_workers,
             )
@@ -136,7 +143,7 @@ class LocalEngine:
         with the previous text as context."""
         if mode not in ("fast", "accurate"):
             raise ValueError(f"Unknown transcription mode {mode!r}; use 'fast' or 'accurate'.")
-        whisper = self.load()
+        whisper = self.load(mode)
         batched = mode == "fast"
         decode: dict[str, Any] = {"beam_size": _BEAM_SIZE, "vad_filter": True}
         if batched:
@@ -164,6 +171,7 @@ class LocalEngine:
             extra={
                 **decode,
                 "batched": batched,
+                "compute_type": self.compute_types[mode],
                 # What the decoder was really given, not what was asked for.
                 "condition_on_previous_text": options.condition_on_previous_text,
                 "timestamps": "interpolated within VAD chunks" if batched else "decoded",
