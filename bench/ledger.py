@@ -5,7 +5,9 @@ reservation transaction (``lifecycle.submit``: the job row, the conditional ``UP
 code, the ledger row). Then the codes are drained to zero by the same workers and the books are
 checked: any code whose reserved + spent exceeds its budget, or whose ledger does not sum to its
 counters, is an over-spend. pgbench's simple-update run (``-N``) on the same database, with as
-many clients, is the yardstick. Everything lives in a private schema, dropped at the end.
+many clients, is the yardstick; the same reservation statement sent through bare psycopg, with
+no SQLAlchemy session around it, shows how much of the gap any Python client pays. Everything
+lives in a private schema, dropped at the end.
 
 ``python -m bench.ledger [--workers 8 --codes 4 --seconds 10]``; writes the "ledger" section.
 """
@@ -19,15 +21,18 @@ import re
 import secrets
 import subprocess
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from multiprocessing.synchronize import Barrier
 
 import psycopg
 from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql
 
 from bench.common import cores, load_average, machine, report, table, verdict
 from transcription import ledger, lifecycle
 from transcription.db.migrate import upgrade
-from transcription.db.models import CreditCode, LedgerEntry
+from transcription.db.models import CreditCode, Job, LedgerEntry
 from transcription.db.session import Database
 from transcription.errors import CreditError
 
@@ -83,13 +88,58 @@ def worker(
     out.put((accepted, refused, time.perf_counter() - began))  # type: ignore[attr-defined]
 
 
-def race(url: str, codes: list[str], workers: int, seconds: float | None) -> tuple[int, int, float]:
-    """Run ``workers`` processes at once; total accepted, refused, and the longest wall time."""
+def driver_worker(
+    url: str, codes: list[str], index: int, seconds: float | None, start: Barrier, out: object
+) -> None:
+    """The ledger's reservation statement through bare psycopg (prepared), for ``seconds``."""
+    assert seconds is not None
+    compiled = ledger.reservation_statement().compile(dialect=postgresql.psycopg.dialect())
+    schema = url.rsplit("%3D", 1)[-1]
+    accepted = 0
+    with psycopg.connect(DSN, options=f"-csearch_path={schema}") as conn:
+        start.wait()
+        began = time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            job = new_job(codes[(index + accepted) % len(codes)])
+            now = datetime.now(UTC).replace(tzinfo=None)  # the column holds naive UTC
+            params = {**compiled.params, "now": now, "seconds": JOB_SECONDS}
+            params |= {f"job_{c.key}": None for c in Job.__table__.columns}
+            params |= {
+                "code_id": job.code_id,
+                "job_id": job.job_id,
+                "job_code_id": job.code_id,
+                "job_status": "queued",
+                "job_credit_state": "held",
+                "job_progress": 0.0,
+                "job_filename": job.filename,
+                "job_audio_key": job.audio_key,
+                "job_audio_bytes": job.audio_bytes,
+                "job_audio_seconds": job.audio_seconds,
+                "job_reserved_seconds": JOB_SECONDS,
+                "job_mode": job.mode,
+                "job_engine": job.engine,
+                "job_model": job.model,
+                "job_attempts": 0,
+                "job_created_at": now,
+                "job_updated_at": now,
+            }
+            with conn.transaction():
+                if conn.execute(str(compiled), params, prepare=True).fetchone() is None:
+                    raise RuntimeError("a bench code refused a reservation")
+            accepted += 1
+    out.put((accepted, 0, time.perf_counter() - began))  # type: ignore[attr-defined]
+
+
+def race(
+    url: str, codes: list[str], workers: int, seconds: float | None, target: Callable[..., None]
+) -> tuple[int, int, float]:
+    """Run ``workers`` processes of ``target`` at once; total accepted, refused, and the longest
+    wall time."""
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(workers)
     out = ctx.Queue()
     processes = [
-        ctx.Process(target=worker, args=(url, codes, i, seconds, start, out))
+        ctx.Process(target=target, args=(url, codes, i, seconds, start, out))
         for i in range(workers)
     ]
     for p in processes:
@@ -183,10 +233,12 @@ def main() -> None:
         db = Database(url)
         upgrade(db.engine)
         busy = issue(db, args.codes, 10**9)
-        accepted, _, wall = race(url, busy, args.workers, args.seconds)
+        accepted, _, wall = race(url, busy, args.workers, args.seconds, worker)
         ours_tps = accepted / wall
+        bare, _, bare_wall = race(url, busy, args.workers, args.seconds, driver_worker)
+        driver_tps = bare / bare_wall
         tight = issue(db, args.codes, args.drain_reservations * JOB_SECONDS + JOB_SECONDS // 2)
-        drained, refused, _ = race(url, tight, args.workers, None)
+        drained, refused, _ = race(url, tight, args.workers, None, worker)
         bad = overspent(db, busy + tight)
         db.dispose()
         bench_tps = pgbench(schema, args.workers, args.seconds)
@@ -201,6 +253,12 @@ def main() -> None:
                 args.workers,
                 ours_tps,
                 f"{args.codes} codes, {accepted} reserved in {wall:.1f} s",
+            ],
+            [
+                "same statement, bare psycopg",
+                args.workers,
+                driver_tps,
+                f"prepared, no session: {bare} reserved in {bare_wall:.1f} s",
             ],
             ["pgbench -N (simple update)", args.workers, bench_tps, "scale 1, same database"],
             [
@@ -220,6 +278,9 @@ def main() -> None:
         verdict(
             "reservations/s ÷ pgbench simple-update TPS", ours_tps / bench_tps, 0.5, at_least=True
         ),
+        f"- the same statement through bare psycopg ÷ pgbench: {driver_tps / bench_tps:.3f} "
+        f"(the most any Python client reaches here); ours ÷ bare psycopg: "
+        f"{ours_tps / driver_tps:.3f}",
         verdict("codes over-spent or out of balance", float(bad), 0),
         verdict(
             "drain: reservations accepted ÷ credit available",

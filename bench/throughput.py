@@ -5,7 +5,7 @@ then the same eight one after another (each waiting for the one before); both us
 automatic concurrency. ``--concurrency 2`` adds a run with that many jobs at once (inference
 threads split between them), to show what the automatic choice avoids.
 
-``python -m bench.throughput [--jobs 8 --minutes 2 --concurrency 2]``; writes the
+``python -m bench.throughput [--jobs 8 --minutes 2 --concurrency 2 --poll 0.25]``; writes the
 "throughput" section of docs/benchmarks.md.
 """
 
@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import services
 from bench.common import cores, load_average, machine, report, table, verdict
 from bench.services import Ours, ours
 from bench.speech import speech
@@ -53,7 +54,11 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--minutes", type=float, default=2)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[2])
+    parser.add_argument(
+        "--poll", type=float, default=services.POLL_SECONDS, help="Seconds between status polls."
+    )
     args = parser.parse_args()
+    services.POLL_SECONDS = args.poll
     load_before = load_average()
     audio, _ = speech(args.minutes)
     warmup, _ = speech(0.5)
@@ -86,7 +91,8 @@ def main() -> None:
     body = table(["run", "total s", "mean latency s", "max latency s"], rows)
     context = (
         f"Machine: {machine()}; model: bundled tiny.en int8, mode fast; {args.jobs} jobs of "
-        f"{args.minutes:g} min of speech; {cores()} cores; load average before: {load_before}, "
+        f"{args.minutes:g} min of speech; {cores()} cores; each client polls every "
+        f"{args.poll:g} s; load average before: {load_before}, "
         f"after: {load_average()}. Latency: from the batch's start (all at once) or the job's "
         "own submission (one after another) to the job reported done."
     )

@@ -31,6 +31,14 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
+def get_read_session(services: ServicesDep) -> Iterator[Session]:
+    with services.db.read() as session:
+        yield session
+
+
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+
+
 def bearer_token(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
@@ -46,7 +54,7 @@ def get_code(request: Request, services: ServicesDep) -> CreditCode:
         raise Unauthenticated(
             "Send your credit code as 'Authorization: Bearer <code>'.", code="missing_code"
         )
-    with services.db.transaction() as session:
+    with services.db.read() as session:
         return ledger.authenticate(session, services.code_key, token)
 
 

@@ -174,7 +174,7 @@ def reserve(session: Session, job: Job) -> None:
         params[f"job_{column.key}"] = value
     connection = session.connection()
     if connection.dialect.name == "postgresql":
-        held = connection.execute(_reserve_in_one_statement(), params).first() is not None
+        held = connection.execute(reservation_statement(), params).first() is not None
     else:
         held = connection.execute(_hold(), params).rowcount == 1
         if held:
@@ -233,7 +233,7 @@ def _entry_values() -> dict[str, ColumnElement[Any]]:
 
 
 @cache
-def _reserve_in_one_statement() -> Insert:
+def reservation_statement() -> Insert:
     """``WITH held AS (UPDATE code ... RETURNING id), entry AS (INSERT ledger row SELECT ...
     FROM held) INSERT INTO jobs SELECT ... FROM held``: nothing is written unless the code paid."""
     held = _hold().returning(CreditCode.id).cte("held")

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import select
 
-from gateway.deps import AdminDep, ServicesDep, SessionDep
+from gateway.deps import AdminDep, ReadSessionDep, ServicesDep, SessionDep
 from gateway.pagination import newest_first
 from gateway.routers.transcriptions import ERRORS, list_jobs
 from gateway.schemas import (
@@ -45,7 +45,7 @@ def create_code(
 @router.get("/codes", response_model=ListResponse[CreditsOut], responses=ERRORS)
 def list_codes(
     _admin: AdminDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[
         str | None, Query(description="Cursor: the last ID of the page before.")
@@ -57,7 +57,7 @@ def list_codes(
 
 
 @router.get("/codes/{code_id}", response_model=CreditsOut, responses=ERRORS)
-def get_code(_admin: AdminDep, session: SessionDep, code_id: str) -> CreditsOut:
+def get_code(_admin: AdminDep, session: ReadSessionDep, code_id: str) -> CreditsOut:
     return CreditsOut.build(ledger.get_code(session, code_id))
 
 
@@ -90,7 +90,7 @@ def revoke_code(_admin: AdminDep, session: SessionDep, code_id: str) -> CreditsO
 @router.get("/transcriptions", response_model=ListResponse[TranscriptionOut], responses=ERRORS)
 def list_all_transcriptions(
     _admin: AdminDep,
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query()] = None,
     status: Annotated[JobStatus | None, Query()] = None,

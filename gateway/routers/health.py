@@ -27,7 +27,7 @@ def readyz(services: ServicesDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {type(exc).__name__}"
-    checks["runner"] = "ok" if services.runner.ready() else "starting"
+    checks["runner"] = services.runner.readiness()
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks},

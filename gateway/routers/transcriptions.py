@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
-from gateway.deps import CodeDep, ServicesDep, SessionDep
+from gateway.deps import CodeDep, ReadSessionDep, ServicesDep
 from gateway.pagination import newest_first
 from gateway.schemas import ErrorResponse, ListResponse, TranscriptionOut
 from gateway.services import Services
@@ -95,7 +95,7 @@ def _load(services: Services, code: CreditCode, job_id: str) -> TranscriptionOut
 
 @router.get("", response_model=ListResponse[TranscriptionOut], responses=ERRORS)
 def list_transcriptions(
-    session: SessionDep,
+    session: ReadSessionDep,
     code: CodeDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[
@@ -114,7 +114,7 @@ def list_transcriptions(
 
 
 @router.get("/{job_id}", response_model=TranscriptionOut, responses=ERRORS)
-def get_transcription(session: SessionDep, code: CodeDep, job_id: str) -> TranscriptionOut:
+def get_transcription(session: ReadSessionDep, code: CodeDep, job_id: str) -> TranscriptionOut:
     """A job's status, progress, credit and, once done, its transcript text and links."""
     job, transcript = find_job(session, code, job_id)
     return TranscriptionOut.build(job, transcript, with_text=True)
@@ -134,7 +134,7 @@ def get_transcript(services: ServicesDep, code: CodeDep, job_id: str, fmt: str) 
         raise NotFound(
             f"Unknown transcript format {fmt!r}; use one of {', '.join(FORMATS)}.", param="fmt"
         )
-    with services.db.transaction() as session:
+    with services.db.read() as session:
         job, transcript = find_job(session, code, job_id)
     if job.status != JobStatus.SUCCEEDED.value or transcript is None:
         why = {

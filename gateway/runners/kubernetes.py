@@ -41,8 +41,8 @@ class KubernetesJobRunner:
         if self._api is not None:
             self._api.close()
 
-    def ready(self) -> bool:
-        return self._custom is not None
+    def readiness(self) -> str:
+        return "ok" if self._custom is not None else "starting"
 
     def submit(self, job_id: str) -> None:
         assert self._custom is not None, "start() the runner first"

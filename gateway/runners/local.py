@@ -22,6 +22,7 @@ class LocalJobRunner:
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._loaded = threading.Event()
+        self._load_error: str | None = None
 
     def start(self) -> None:
         for job_id in self.lc.requeue_interrupted():
@@ -48,16 +49,21 @@ class LocalJobRunner:
     def cancel(self, job_id: str) -> None:
         """Nothing to do here: the worker sees the cancelled status at its next progress write."""
 
-    def ready(self) -> bool:
-        return self._loaded.is_set() and all(t.is_alive() for t in self._threads)
+    def readiness(self) -> str:
+        if self._load_error is not None:
+            return f"error: {self._load_error}"
+        if not all(t.is_alive() for t in self._threads):
+            return "error: a transcription worker stopped; see the server log"
+        return "ok" if self._loaded.is_set() else "starting"
 
     def _preload(self) -> None:
         load = getattr(self.pipeline.engine, "load", None)
         try:
             if callable(load):
                 load()
-        except Exception:
+        except Exception as exc:
             log.exception("could not load the Whisper model")
+            self._load_error = f"the Whisper model could not be loaded: {exc}"
             return
         self._loaded.set()
 

@@ -232,4 +232,6 @@ def test_readyz_stays_unready_when_the_model_cannot_load(make_client: MakeClient
     time.sleep(0.1)  # time enough for a runner that ignored the failure to report ready
     response = client.get("/readyz")
     assert response.status_code == 503
-    assert response.json()["checks"]["runner"] != "ok"
+    # The reason is named, so an operator reading the probe knows it will not come up by itself.
+    assert response.json()["checks"]["runner"].startswith("error: ")
+    assert "model.bin is missing" in response.json()["checks"]["runner"]

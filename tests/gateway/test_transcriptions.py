@@ -402,7 +402,10 @@ def test_jobs_left_by_a_stopped_app_are_finished_by_the_next_and_charged_once(
     running = submit(first_app, issued.code, mp3_5s).json()
     blocking.wait_started()
     blocking.abandon()  # the worker dies mid-job without recording anything, as in a crash
-    eventually(lambda: not services(first_app).runner.ready(), what="the worker dying")
+    eventually(
+        lambda: services(first_app).runner.readiness().startswith("error"),
+        what="the worker dying",
+    )
     queued = submit(first_app, issued.code, mp3_5s).json()
     assert get_job(first_app, issued.code, running["id"])["status"] == "running"
     assert get_job(first_app, issued.code, queued["id"])["status"] == "queued"

@@ -10,6 +10,9 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+#: Execution option marking a connection whose transactions only read.
+READ_ONLY = "whisper_read_only"
+
 
 def normalize_url(url: str) -> str:
     """Use psycopg 3 for plain ``postgresql://`` URLs, the driver this project installs."""
@@ -43,7 +46,10 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only transaction never upgrades its lock, and in WAL mode it blocks no writer:
+        # a plain (deferred) BEGIN lets status polls run beside the workers' progress writes.
+        read_only = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 class Database:
@@ -53,6 +59,12 @@ class Database:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        read_only: dict[str, Any] = {READ_ONLY: True}
+        if not self.is_sqlite:
+            read_only["postgresql_readonly"] = True
+        self.read_sessions = sessionmaker(
+            self.engine.execution_options(**read_only), expire_on_commit=False
+        )
 
     @property
     def is_sqlite(self) -> bool:
@@ -61,6 +73,13 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         with self.sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A transaction that only reads: on SQLite it takes no write lock, on PostgreSQL it is
+        ``READ ONLY``."""
+        with self.read_sessions.begin() as session:
             yield session
 
     def dispose(self) -> None:
