@@ -32,7 +32,7 @@ from sqlalchemy.dialects import postgresql
 from bench.common import cores, load_average, machine, report, table, verdict
 from transcription import ledger, lifecycle
 from transcription.db.migrate import upgrade
-from transcription.db.models import CreditCode, Job, LedgerEntry
+from transcription.db.models import CreditCode, LedgerEntry
 from transcription.db.session import Database
 from transcription.errors import CreditError
 
@@ -100,29 +100,11 @@ def driver_worker(
         start.wait()
         began = time.perf_counter()
         while time.perf_counter() - began < seconds:
-            job = new_job(codes[(index + accepted) % len(codes)])
-            now = datetime.now(UTC).replace(tzinfo=None)  # the column holds naive UTC
-            params = {**compiled.params, "now": now, "seconds": JOB_SECONDS}
-            params |= {f"job_{c.key}": None for c in Job.__table__.columns}
-            params |= {
-                "code_id": job.code_id,
-                "job_id": job.job_id,
-                "job_code_id": job.code_id,
-                "job_status": "queued",
-                "job_credit_state": "held",
-                "job_progress": 0.0,
-                "job_filename": job.filename,
-                "job_audio_key": job.audio_key,
-                "job_audio_bytes": job.audio_bytes,
-                "job_audio_seconds": job.audio_seconds,
-                "job_reserved_seconds": JOB_SECONDS,
-                "job_mode": job.mode,
-                "job_engine": job.engine,
-                "job_model": job.model,
-                "job_attempts": 0,
-                "job_created_at": now,
-                "job_updated_at": now,
-            }
+            job = lifecycle.queued_job(new_job(codes[(index + accepted) % len(codes)]))
+            params = {**compiled.params, **ledger.reservation_params(job)}
+            for key, value in params.items():
+                if isinstance(value, datetime):  # the columns hold naive UTC
+                    params[key] = value.astimezone(UTC).replace(tzinfo=None)
             with conn.transaction():
                 if conn.execute(str(compiled), params, prepare=True).fetchone() is None:
                     raise RuntimeError("a bench code refused a reservation")

@@ -164,14 +164,8 @@ def reserve(session: Session, job: Job) -> None:
     seconds = job.reserved_seconds
     if seconds < 1:
         raise InvalidRequest("A reservation must be at least one second.", param="seconds")
-    now = utcnow()
-    job.created_at = job.updated_at = now
-    params: dict[str, object] = {"code_id": job.code_id, "seconds": seconds, "now": now}
-    for column in Job.__table__.columns:
-        # Setting every column also keeps unset ones from reading as unloaded later.
-        value = getattr(job, column.key)
-        setattr(job, column.key, value)
-        params[f"job_{column.key}"] = value
+    params = reservation_params(job)
+    now = job.created_at
     connection = session.connection()
     if connection.dialect.name == "postgresql":
         held = connection.execute(reservation_statement(), params).first() is not None
@@ -191,6 +185,23 @@ def reserve(session: Session, job: Job) -> None:
     # The row exists now: let the session track the object without inserting it again.
     make_transient_to_detached(job)
     session.add(job)
+
+
+def reservation_params(job: Job) -> dict[str, object]:
+    """Stamp the new job's times and return the bound parameters of the reservation statements."""
+    now = utcnow()
+    job.created_at = job.updated_at = now
+    params: dict[str, object] = {
+        "code_id": job.code_id,
+        "seconds": job.reserved_seconds,
+        "now": now,
+    }
+    for column in Job.__table__.columns:
+        # Setting every column also keeps unset ones from reading as unloaded later.
+        value = getattr(job, column.key)
+        setattr(job, column.key, value)
+        params[f"job_{column.key}"] = value
+    return params
 
 
 # The reservation's statements are built once, with bound parameters, so SQLAlchemy's compiled
@@ -222,7 +233,7 @@ def _job_values() -> dict[str, BindParameter[Any]]:
 def _entry_values() -> dict[str, ColumnElement[Any]]:
     return {
         "code_id": bindparam("code_id"),
-        "job_id": bindparam("job_id"),  # the job's own "id" column, bound as job_id
+        "job_id": _job_values()["id"],
         "kind": literal("reserve"),
         "budget_delta": literal(0),
         "reserved_delta": bindparam("seconds", type_=Integer),

@@ -114,7 +114,14 @@ def _settle_success(session: Session, job: Job, transcript: Transcript) -> Job:
 
 def submit(session: Session, new: NewJob) -> Job:
     """Create a queued job and reserve its credit in the caller's transaction."""
-    job = Job(
+    job = queued_job(new)
+    ledger.reserve(session, job)
+    return job
+
+
+def queued_job(new: NewJob) -> Job:
+    """The row a submission inserts: queued, its credit held, not yet in any session."""
+    return Job(
         id=new.job_id or new_job_id(),
         code_id=new.code_id,
         status=JobStatus.QUEUED.value,
@@ -132,8 +139,6 @@ def submit(session: Session, new: NewJob) -> Job:
         model=new.model,
         attempts=0,
     )
-    ledger.reserve(session, job)
-    return job
 
 
 class Lifecycle:
