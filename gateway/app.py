@@ -25,13 +25,17 @@ from transcription.settings import GatewaySettings
 log = logging.getLogger(__name__)
 
 
-def build_services(settings: GatewaySettings, engine: Engine | None = None) -> Services:
+def build_services(
+    settings: GatewaySettings, engine: Engine | None = None, *, exclusive: bool = False
+) -> Services:
+    """Everything the routes use; ``exclusive`` says this process holds the data directory's
+    lock, so with SQLite no other process can hold job leases."""
     settings.ensure_data_dir()
     db = Database(settings.resolved_database_url())
     if settings.migrate_on_start:
         upgrade(db.engine)
     blobs = open_blob_store(settings.resolved_blob_url())
-    lc = Lifecycle(db)
+    lc = Lifecycle(db, blobs)
     runner: JobRunner
     engine_name: str
     model_name: str | None
@@ -44,8 +48,15 @@ def build_services(settings: GatewaySettings, engine: Engine | None = None) -> S
     else:
         concurrency = settings.concurrency or default_concurrency()
         engine = engine or build_engine(settings, concurrency=concurrency)
-        pipeline = Pipeline(lc, blobs, engine, progress_interval=settings.progress_interval)
-        runner = LocalJobRunner(pipeline, lc, concurrency=concurrency)
+        pipeline = Pipeline(blobs, engine, progress_interval=settings.progress_interval)
+        runner = LocalJobRunner(
+            pipeline,
+            lc,
+            concurrency=concurrency,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+            exclusive=exclusive and db.is_sqlite,
+        )
         engine_name, model_name = engine.name, engine.model
     services = Services(
         settings=settings,
@@ -61,13 +72,18 @@ def build_services(settings: GatewaySettings, engine: Engine | None = None) -> S
     return services
 
 
-def create_app(settings: GatewaySettings | None = None, *, engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings | None = None,
+    *,
+    engine: Engine | None = None,
+    exclusive: bool = False,
+) -> FastAPI:
     """A gateway app; nothing is built until the app starts (its lifespan)."""
     settings = settings or GatewaySettings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = build_services(settings, engine)
+        services = build_services(settings, engine, exclusive=exclusive)
         app.state.services = services
         services.runner.start()
         try:

@@ -16,8 +16,7 @@ from starlette.requests import Request
 
 from gateway.services import Services
 from gateway.uploads import Upload, receive_upload
-from transcriber.checkpoints import checkpoint_prefix
-from transcription import idempotency, ledger, lifecycle
+from transcription import idempotency, jobfiles, ledger, lifecycle
 from transcription.audio import AudioInfo, probe_mp3
 from transcription.db.models import CreditCode, Job
 from transcription.errors import InvalidRequest
@@ -114,14 +113,12 @@ async def accept_upload(
 
 
 def cancel_job(services: Services, job_id: str) -> Job | None:
-    """Cancel an unfinished job, refund it and drop its audio and checkpoints; None if it had
+    """Cancel an unfinished job under the credit rules and stop its work; None if it had
     already finished."""
     cancelled = services.lifecycle.cancel(job_id)
     if cancelled is None:
         return None
     services.runner.cancel(job_id)
-    services.blobs.delete(cancelled.audio_key)
-    services.blobs.delete_prefix(checkpoint_prefix(job_id))
     return cancelled
 
 
@@ -142,7 +139,7 @@ def _create_job(
     """Store the audio, then create the job and reserve credit in one transaction."""
     assert upload.path is not None
     job_id = lifecycle.new_job_id()
-    key = lifecycle.audio_key(job_id)
+    key = jobfiles.audio_key(job_id)
     services.blobs.put_file(key, upload.path, content_type="audio/mpeg")
     try:
         with services.db.transaction() as session:

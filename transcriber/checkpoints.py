@@ -6,11 +6,6 @@ from __future__ import annotations
 from transcription.blobstore import BlobNotFound, BlobStore
 
 
-def checkpoint_prefix(job_id: str) -> str:
-    """Where a job's checkpoints live: ``jobs/<id>/chunks/<name>``."""
-    return f"jobs/{job_id}/chunks"
-
-
 class BlobCheckpoints:
     """The ``Checkpoints`` of one job, as blobs under ``prefix``."""
 
@@ -26,7 +21,3 @@ class BlobCheckpoints:
 
     def save(self, name: str, data: bytes) -> None:
         self.blobs.put_bytes(f"{self.prefix}/{name}", data, content_type="application/json")
-
-    def clear(self) -> int:
-        """Remove every checkpoint; return how many there were."""
-        return self.blobs.delete_prefix(self.prefix)

@@ -1,8 +1,11 @@
-"""The transcriber as a Kubernetes Job: one job ID from the environment, a JSON termination message.
+"""The transcriber as a Kubernetes Job: the run's request from the environment, its outcome in
+the blob store (the result record) and in a JSON termination message.
 
-Exit codes are the contract with the Job's pod failure policy: 0 when the transcript is recorded
-(or there is nothing left to do), ``USER_ERROR_EXIT`` when the audio itself is at fault (the Job
-fails at once, no retry), anything else for faults a retry may cure.
+The pod holds no database credentials: it reads its audio and writes transcripts, checkpoints,
+progress and the result record under its job's prefix, nothing else. The operator finishes the
+job from the Job's outcome and the result record. Exit codes are the contract with the Job's pod
+failure policy: 0 when the result is written (or there is nothing left to do),
+``USER_ERROR_EXIT`` when the audio itself is at fault, anything else for faults a retry may cure.
 """
 
 from __future__ import annotations
@@ -16,24 +19,22 @@ from typing import Any
 from pydantic import Field
 
 from transcriber.engines import Engine, build_engine
-from transcriber.pipeline import Pipeline
+from transcriber.pipeline import AudioMissing, Pipeline
 from transcription.blobstore import open_blob_store
-from transcription.db.session import Database
-from transcription.errors import DomainError, EngineUnavailable
-from transcription.lifecycle import Lifecycle
+from transcription.errors import EngineUnavailable
+from transcription.jobfiles import JobFiles, RunRequest
+from transcription.resources import USER_ERROR_EXIT
 from transcription.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-USER_ERROR_EXIT = 3
 #: The kubelet keeps at most 4 KB of a termination message.
 MAX_MESSAGE_BYTES = 4096
 
 
 class JobSettings(WorkerSettings):
-    """What the Job's pod is told through its environment."""
+    """What the Job's pod is told through its environment besides its ``RunRequest``."""
 
-    job_id: str = Field(description="ID of the transcription to run (WHISPER_JOB_ID).")
     termination_message_path: Path = Field(
         Path("/dev/termination-log"), description="Where the JSON outcome is written."
     )
@@ -51,44 +52,49 @@ def termination_message(outcome: dict[str, Any]) -> str:
     return text
 
 
-def run_job(settings: JobSettings, engine: Engine | None = None) -> int:
-    """Transcribe the job and record its transcript; returns the process exit code."""
-    db = Database(settings.resolved_database_url())
-    lc = Lifecycle(db)
-    pipeline = Pipeline(
-        lc,
-        open_blob_store(settings.resolved_blob_url()),
-        engine or build_engine(settings),
-        progress_interval=settings.progress_interval,
-    )
-    outcome: dict[str, Any] = {"jobId": settings.job_id}
+def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = None) -> int:
+    """Transcribe the request's audio and write the result record; returns the exit code."""
+    blobs = open_blob_store(settings.resolved_blob_url())
+    files = JobFiles(blobs)
+    outcome: dict[str, Any] = {"jobId": request.job_id}
     code = 0
     try:
-        transcript = pipeline.record(settings.job_id)
-        if transcript is None:
+        if files.read_result(request.job_id) is not None:
+            # An earlier pod of this Job already ran it to the end.
             outcome["outcome"] = "skipped"
         else:
-            outcome.update(
-                outcome="transcribed",
-                transcriptId=transcript.id,
-                durationSeconds=round(transcript.duration_seconds, 3),
+            pipeline = Pipeline(
+                blobs,
+                engine or build_engine(settings),
+                progress_interval=settings.progress_interval,
             )
+
+            def progress(fraction: float, seconds_done: float) -> bool:
+                files.write_progress(request.job_id, fraction, seconds_done)
+                return True
+
+            result = pipeline.run(request, progress)
+            files.write_result(result)
+            outcome["outcome"] = result.outcome
+            if result.error is not None:
+                outcome["error"] = result.error.model_dump()
+                code = USER_ERROR_EXIT
+            else:
+                outcome["durationSeconds"] = round(result.duration_seconds, 3)
+    except AudioMissing:
+        # The job was finished and tidied while this pod waited: nothing is left to do.
+        outcome["outcome"] = "skipped"
     except EngineUnavailable as exc:
         # Not the audio's fault: let the Job's backoffLimit retry; checkpoints make it resume.
         outcome.update(outcome="retrying", error={"code": exc.code, "message": exc.message})
         code = 1
-    except DomainError as exc:
-        outcome.update(outcome="rejected", error={"code": exc.code, "message": exc.message})
-        code = USER_ERROR_EXIT
     except Exception as exc:
-        log.exception("transcription of %s failed", settings.job_id)
+        log.exception("transcription of %s failed", request.job_id)
         outcome.update(
             outcome="crashed",
             error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
         )
         code = 1
-    finally:
-        db.dispose()
     _write(settings.termination_message_path, termination_message(outcome))
     return code
 
@@ -104,4 +110,4 @@ def _write(path: Path, text: str) -> None:
 
 def main() -> int:
     logging.basicConfig(level=os.environ.get("WHISPER_LOG_LEVEL", "INFO"))
-    return run_job(JobSettings())
+    return run_job(JobSettings(), RunRequest.from_env(os.environ))

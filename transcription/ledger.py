@@ -42,7 +42,7 @@ from transcription.errors import (
     Unauthenticated,
     UsesExhausted,
 )
-from transcription.states import CreditState
+from transcription.states import CreditState, EntryKind
 
 CODE_PREFIX = "wt_"
 CODE_ID_PREFIX = "cc_"
@@ -114,7 +114,7 @@ def issue_code(
     )
     session.add(record)
     session.flush()
-    session.add(LedgerEntry(code_id=record.id, kind="issue", budget_delta=seconds))
+    session.add(LedgerEntry(code_id=record.id, kind=EntryKind.ISSUE, budget_delta=seconds))
     return IssuedCode(code=code, record=record)
 
 
@@ -234,7 +234,7 @@ def _entry_values() -> dict[str, ColumnElement[Any]]:
     return {
         "code_id": bindparam("code_id"),
         "job_id": _job_values()["id"],
-        "kind": literal("reserve"),
+        "kind": literal(EntryKind.RESERVE.value),
         "budget_delta": literal(0),
         "reserved_delta": bindparam("seconds", type_=Integer),
         "spent_delta": literal(0),
@@ -271,8 +271,8 @@ def _resolve(session: Session, job_id: str, to: CreditState) -> Job | None:
     """Move the job's reservation out of HELD exactly once; None if it already moved."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.credit_state == CreditState.HELD.value)
-        .values(credit_state=to.value)
+        .where(Job.id == job_id, Job.credit_state == CreditState.HELD)
+        .values(credit_state=to)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -302,7 +302,7 @@ def settle(session: Session, job_id: str, charged_seconds: int) -> int | None:
         LedgerEntry(
             code_id=job.code_id,
             job_id=job_id,
-            kind="settle",
+            kind=EntryKind.SETTLE,
             reserved_delta=-job.reserved_seconds,
             spent_delta=charged,
         )
@@ -330,7 +330,7 @@ def release(session: Session, job_id: str) -> bool:
         LedgerEntry(
             code_id=job.code_id,
             job_id=job_id,
-            kind="release",
+            kind=EntryKind.RELEASE,
             reserved_delta=-job.reserved_seconds,
             uses_delta=-1,
         )
@@ -355,7 +355,7 @@ def top_up(session: Session, code_id: str, seconds: int) -> CreditCode:
         .values(budget_seconds=CreditCode.budget_seconds + seconds)
         .execution_options(synchronize_session=False)
     )
-    session.add(LedgerEntry(code_id=code_id, kind="top_up", budget_delta=seconds))
+    session.add(LedgerEntry(code_id=code_id, kind=EntryKind.TOP_UP, budget_delta=seconds))
     return _fresh(session, code_id)
 
 

@@ -1,7 +1,10 @@
 """Every job state transition and credit movement, each in one durable transaction.
 
-Both runners (the local pool and the Kubernetes operator) call these functions; a transition is
-a conditional ``UPDATE`` on the job's status, so a replayed or racing call changes nothing.
+Both shapes finish a job the same way, through ``Lifecycle.finish``: the transcript becomes
+visible, the job succeeds and its credit settles in one transaction. A transition is a
+conditional ``UPDATE`` on the job's status, so a replayed or racing call changes nothing; the
+ledger's (job, kind) keys make a replayed settlement a no-op. After a final transition the job's
+working files go (its transcripts too, unless it succeeded).
 """
 
 from __future__ import annotations
@@ -9,21 +12,26 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from transcription import ledger
+from transcription.blobstore import BlobStore
 from transcription.db.models import Job, Transcript, utcnow
 from transcription.db.session import Database
 from transcription.errors import NotFound
-from transcription.states import TRANSITIONS, CreditState, JobStatus
+from transcription.jobfiles import JobFiles, RunResult
+from transcription.states import FINISHED, TRANSITIONS, UNFINISHED, CreditState, JobStatus
 
 log = logging.getLogger(__name__)
 
 JOB_ID_PREFIX = "tr_"
 TRANSCRIPT_ID_PREFIX = "ts_"
+#: What a job that lost its worker too often fails with.
+WORKER_LOST = "worker_lost"
 
 
 @dataclass(frozen=True)
@@ -43,73 +51,14 @@ class NewJob:
     job_id: str | None = None
 
 
-@dataclass(frozen=True)
-class TranscriptRecord:
-    """A finished transcript as the pipeline stored it."""
-
-    text: str
-    language: str | None
-    duration_seconds: float
-    segment_count: int
-    uris: dict[str, str]
-    model: str | None
-
-
 def new_job_id() -> str:
     return ledger.new_id(JOB_ID_PREFIX)
 
 
-def audio_key(job_id: str) -> str:
-    return f"jobs/{job_id}/audio.mp3"
-
-
-def transcript_key(job_id: str, fmt: str) -> str:
-    return f"jobs/{job_id}/transcript.{fmt}"
-
-
-def _transition(session: Session, job_id: str, to: JobStatus, **values: object) -> Job | None:
-    """Move the job to ``to`` if its status allows it; None when it does not (a no-op)."""
-    allowed = [s.value for s in TRANSITIONS[to]]
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(allowed))
-        .values(status=to.value, updated_at=utcnow(), **values)
-        .execution_options(synchronize_session=False)
-    )
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        return None
-    job = session.get(Job, job_id)
-    assert job is not None
-    session.refresh(job)
-    return job
-
-
-def _add_transcript(session: Session, job_id: str, transcript: TranscriptRecord) -> Transcript:
-    row = Transcript(
-        id=ledger.new_id(TRANSCRIPT_ID_PREFIX),
-        job_id=job_id,
-        text=transcript.text,
-        language=transcript.language,
-        duration_seconds=transcript.duration_seconds,
-        segment_count=transcript.segment_count,
-        uris=transcript.uris,
-        model=transcript.model,
-    )
-    session.add(row)
-    session.flush()
-    return row
-
-
-def _settle_success(session: Session, job: Job, transcript: Transcript) -> Job:
-    """Charge the audio transcribed (never more than was measured) and release the rest."""
-    charged = math.ceil(min(transcript.duration_seconds, job.audio_seconds) - 1e-6)
-    ledger.settle(session, job.id, max(charged, 0))
-    if transcript.language and not job.language:
-        job.language = transcript.language
-    session.flush()
-    session.refresh(job)
-    log.info("job %s succeeded, charged %s s", job.id, job.charged_seconds)
-    return job
+def seconds_to_charge(seconds: float, job: Job) -> int:
+    """Whole seconds of credit for ``seconds`` of audio, never more than was reserved."""
+    charged = math.ceil(min(seconds, job.audio_seconds) - 1e-6)
+    return max(0, min(charged, job.reserved_seconds))
 
 
 def submit(session: Session, new: NewJob) -> Job:
@@ -124,8 +73,8 @@ def queued_job(new: NewJob) -> Job:
     return Job(
         id=new.job_id or new_job_id(),
         code_id=new.code_id,
-        status=JobStatus.QUEUED.value,
-        credit_state=CreditState.HELD.value,
+        status=JobStatus.QUEUED,
+        credit_state=CreditState.HELD,
         progress=0.0,
         filename=new.filename,
         audio_key=new.audio_key,
@@ -138,28 +87,144 @@ def queued_job(new: NewJob) -> Job:
         engine=new.engine,
         model=new.model,
         attempts=0,
+        lease_owner=None,
+        lease_expires_at=None,
     )
 
 
-class Lifecycle:
-    """The job state machine over one database; each method is its own transaction."""
+def _transition(
+    session: Session,
+    job_id: str,
+    to: JobStatus,
+    *,
+    allowed: frozenset[JobStatus] | None = None,
+    lease_owner: str | None = None,
+    **values: Any,
+) -> Job | None:
+    """Move the job to ``to`` if its status allows it (and, with ``lease_owner``, only while
+    that worker holds it); None when it does not (a no-op)."""
+    sources = allowed if allowed is not None else TRANSITIONS[to]
+    if to in FINISHED:
+        values.update(completed_at=utcnow(), lease_owner=None, lease_expires_at=None)
+    condition = [Job.id == job_id, Job.status.in_(sorted(sources))]
+    if lease_owner is not None:
+        condition.append(Job.lease_owner == lease_owner)
+    result = session.execute(
+        update(Job)
+        .where(*condition)
+        .values(status=to, updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    return job
 
-    def __init__(self, db: Database) -> None:
+
+def _fail(
+    session: Session, job_id: str, code: str, message: str, lease_owner: str | None = None
+) -> Job | None:
+    job = _transition(
+        session,
+        job_id,
+        JobStatus.FAILED,
+        lease_owner=lease_owner,
+        error_code=code,
+        error_message=message[:2000],
+    )
+    if job is None:
+        return None
+    ledger.release(session, job_id)
+    session.refresh(job)
+    log.warning("job %s failed: %s", job_id, code)
+    return job
+
+
+class Lifecycle:
+    """The job state machine over one database and the job's files; each method is its own
+    transaction, durable before it returns."""
+
+    def __init__(self, db: Database, blobs: BlobStore) -> None:
         self.db = db
+        self.files = JobFiles(blobs)
 
     def get(self, job_id: str) -> Job:
-        with self.db.transaction() as session:
+        with self.db.read() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise NotFound(f"No transcription with ID {job_id!r}.", param="id")
             return job
 
-    def start(self, job_id: str) -> Job | None:
-        """Claim a queued job for running; None if it is not queued (taken or cancelled)."""
-        with self.db.transaction() as session:
-            return _transition(
-                session, job_id, JobStatus.RUNNING, started_at=utcnow(), attempts=Job.attempts + 1
+    def transcript(self, job_id: str) -> Transcript | None:
+        """The transcript of a succeeded job; no other job has one."""
+        with self.db.read() as session:
+            return session.scalar(select(Transcript).where(Transcript.job_id == job_id))
+
+    def unfinished(self) -> list[Job]:
+        """Every queued or running job, oldest first."""
+        with self.db.read() as session:
+            return list(
+                session.scalars(
+                    select(Job)
+                    .where(Job.status.in_(sorted(UNFINISHED)))
+                    .order_by(Job.created_at, Job.id)
+                )
             )
+
+    def queued_ids(self) -> list[str]:
+        with self.db.read() as session:
+            return list(
+                session.scalars(
+                    select(Job.id)
+                    .where(Job.status == JobStatus.QUEUED)
+                    .order_by(Job.created_at, Job.id)
+                )
+            )
+
+    def start(
+        self, job_id: str, *, lease_owner: str | None = None, lease_seconds: float | None = None
+    ) -> Job | None:
+        """Mark a queued job running; None if it is not queued (taken, cancelled or finished).
+
+        An embedded worker passes a lease, which it must renew, and counts an attempt; the
+        operator counts attempts when it creates a Job (``begin_attempt``)."""
+        values: dict[str, Any] = {"started_at": utcnow()}
+        if lease_owner is not None:
+            assert lease_seconds is not None
+            values.update(
+                lease_owner=lease_owner,
+                lease_expires_at=utcnow() + timedelta(seconds=lease_seconds),
+                attempts=Job.attempts + 1,
+            )
+        with self.db.transaction() as session:
+            return _transition(session, job_id, JobStatus.RUNNING, **values)
+
+    def begin_attempt(self, job_id: str) -> int | None:
+        """Count one more attempt at an unfinished job; its new count, or None once finished."""
+        with self.db.transaction() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(sorted(UNFINISHED)))
+                .values(attempts=Job.attempts + 1, updated_at=utcnow())
+                .returning(Job.attempts)
+            )
+            return result.scalar_one_or_none()
+
+    def renew(self, job_id: str, lease_owner: str, lease_seconds: float) -> bool:
+        """Extend the worker's lease; False once the job is no longer its to run."""
+        with self.db.transaction() as session:
+            result = session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.status == JobStatus.RUNNING,
+                    Job.lease_owner == lease_owner,
+                )
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount == 1  # type: ignore[attr-defined]
 
     def progress(self, job_id: str, fraction: float) -> bool:
         """Record progress; False once the job is no longer running, so the worker can stop."""
@@ -167,127 +232,144 @@ class Lifecycle:
         with self.db.transaction() as session:
             result = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
                 .values(progress=fraction, updated_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
             return result.rowcount == 1  # type: ignore[attr-defined]
 
-    def claim(self, job_id: str) -> Job | None:
-        """Start a queued job or take over a running one (a retried pod); None once finished."""
+    def finish(
+        self, job_id: str, result: RunResult, *, lease_owner: str | None = None
+    ) -> Job | None:
+        """The one way a job succeeds: its transcript becomes visible, the job succeeds and the
+        audio transcribed is charged (the rest released), in one transaction. None if the job
+        had already finished (a replay, or it was cancelled) or ``lease_owner`` lost it."""
+        if result.outcome != "transcribed":
+            raise ValueError(f"a {result.outcome} run cannot finish job {job_id}")
         with self.db.transaction() as session:
-            result = session.execute(
-                update(Job)
-                .where(
-                    Job.id == job_id,
-                    Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+            job = _transition(
+                session, job_id, JobStatus.SUCCEEDED, lease_owner=lease_owner, progress=1.0
+            )
+            if job is None:
+                return None
+            session.add(
+                Transcript(
+                    id=ledger.new_id(TRANSCRIPT_ID_PREFIX),
+                    job_id=job_id,
+                    text=result.text,
+                    language=result.language,
+                    duration_seconds=result.duration_seconds,
+                    segment_count=result.segment_count,
+                    uris=result.uris,
+                    model=result.model,
                 )
-                .values(
-                    status=JobStatus.RUNNING.value,
-                    started_at=func.coalesce(Job.started_at, utcnow()),
-                    attempts=Job.attempts + 1,
-                    updated_at=utcnow(),
-                )
-                .execution_options(synchronize_session=False)
             )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            job = session.get(Job, job_id)
-            assert job is not None
+            if result.language and not job.language:
+                job.language = result.language
+            ledger.settle(session, job_id, seconds_to_charge(result.duration_seconds, job))
+            session.flush()
             session.refresh(job)
-            return job
+        log.info("job %s succeeded, charged %s s", job_id, job.charged_seconds)
+        self.files.tidy(job_id, audio_key=job.audio_key, transcripts=False)
+        return job
 
-    def record_transcript(self, job_id: str, transcript: TranscriptRecord) -> Transcript | None:
-        """Store a running job's transcript row without finishing it; a second call keeps the first.
-
-        The Kubernetes runner splits success in two: the transcriber records, the operator
-        completes. None if the job is no longer running (cancelled meanwhile).
-        """
-        try:
-            with self.db.transaction() as session:
-                job = session.get(Job, job_id)
-                if job is None or job.status != JobStatus.RUNNING.value:
-                    return None
-                existing = session.scalar(select(Transcript).where(Transcript.job_id == job_id))
-                if existing is not None:
-                    return existing
-                return _add_transcript(session, job_id, transcript)
-        except IntegrityError:
-            # A second pod of the same Job recorded it first; its transcript stands.
-            with self.db.transaction() as session:
-                return session.scalar(select(Transcript).where(Transcript.job_id == job_id))
-
-    def transcript(self, job_id: str) -> Transcript | None:
+    def fail(
+        self, job_id: str, *, code: str, message: str, lease_owner: str | None = None
+    ) -> Job | None:
+        """Mark the job failed and release its whole reservation and its use; None if it had
+        already finished or ``lease_owner`` lost it."""
         with self.db.transaction() as session:
-            return session.scalar(select(Transcript).where(Transcript.job_id == job_id))
+            job = _fail(session, job_id, code, message, lease_owner)
+        if job is not None:
+            self.files.tidy(job_id, audio_key=job.audio_key, transcripts=True)
+        return job
 
-    def complete(self, job_id: str) -> Job | None:
-        """Finish a job whose transcript is recorded and settle its credit; None if it cannot."""
-        with self.db.transaction() as session:
-            transcript = session.scalar(select(Transcript).where(Transcript.job_id == job_id))
-            if transcript is None:
-                return None
-            job = _transition(
-                session, job_id, JobStatus.SUCCEEDED, progress=1.0, completed_at=utcnow()
-            )
-            if job is None:
-                return None
-            return _settle_success(session, job, transcript)
-
-    def succeed(self, job_id: str, transcript: TranscriptRecord) -> Job | None:
-        """Record the transcript, mark the job done and settle its credit, atomically."""
-        with self.db.transaction() as session:
-            job = _transition(
-                session, job_id, JobStatus.SUCCEEDED, progress=1.0, completed_at=utcnow()
-            )
-            if job is None:
-                return None
-            return _settle_success(session, job, _add_transcript(session, job_id, transcript))
-
-    def fail(self, job_id: str, *, code: str, message: str) -> Job | None:
-        """Mark the job failed and release its whole reservation."""
-        with self.db.transaction() as session:
-            job = _transition(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                completed_at=utcnow(),
-                error_code=code,
-                error_message=message[:2000],
-            )
-            if job is None:
-                return None
-            ledger.release(session, job_id)
-            session.refresh(job)
-            log.warning("job %s failed: %s", job_id, code)
-            return job
+    def discard_leftovers(self, job_id: str) -> None:
+        """Remove files a late run wrote for a job that ended without succeeding; a job that
+        succeeded or is still unfinished keeps everything."""
+        job = self.get(job_id)
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            self.files.tidy(job_id, audio_key=job.audio_key, transcripts=True)
 
     def cancel(self, job_id: str) -> Job | None:
-        """Cancel an unfinished job and release its credit; None if it had already finished."""
-        with self.db.transaction() as session:
-            job = _transition(session, job_id, JobStatus.CANCELLED, completed_at=utcnow())
-            if job is None:
-                return None
-            ledger.release(session, job_id)
-            session.refresh(job)
-            return job
+        """Cancel an unfinished job; None if it had already finished (no money moves then).
 
-    def requeue_interrupted(self) -> list[str]:
-        """Put jobs left running by a stopped process back in the queue; return all queued IDs."""
+        A queued job is refunded in full and its use given back. A running job is charged the
+        audio already transcribed (at least progress times audio seconds, rounded up), the rest is
+        released, and the use stays spent."""
+        reported = self.files.read_progress(job_id)
         with self.db.transaction() as session:
-            session.execute(
-                update(Job)
-                .where(Job.status == JobStatus.RUNNING.value)
-                .values(status=JobStatus.QUEUED.value, progress=0.0, updated_at=utcnow())
-                .execution_options(synchronize_session=False)
+            job = _transition(
+                session, job_id, JobStatus.CANCELLED, allowed=frozenset({JobStatus.QUEUED})
             )
-            return list(
-                session.scalars(
-                    select(Job.id)
-                    .where(Job.status == JobStatus.QUEUED.value)
-                    .order_by(Job.created_at, Job.id)
+            if job is not None:
+                ledger.release(session, job_id)
+            else:
+                job = _transition(
+                    session, job_id, JobStatus.CANCELLED, allowed=frozenset({JobStatus.RUNNING})
                 )
-            )
+                if job is None:
+                    return None
+                done = max(
+                    job.progress * job.audio_seconds,
+                    reported.seconds_done if reported is not None else 0.0,
+                    (reported.fraction * job.audio_seconds) if reported is not None else 0.0,
+                )
+                ledger.settle(session, job_id, seconds_to_charge(done, job))
+            session.refresh(job)
+        log.info("job %s cancelled, charged %s s", job_id, job.charged_seconds)
+        self.files.tidy(job_id, audio_key=job.audio_key, transcripts=True)
+        return job
+
+    def expire_leases(self, max_attempts: int, *, now: datetime | None = None) -> list[str]:
+        """Re-queue running jobs whose worker stopped renewing its lease (before ``now``); a job
+        out of attempts fails and is refunded instead. Returns the re-queued IDs."""
+        now = now or utcnow()
+        requeued: list[str] = []
+        failed: list[Job] = []
+        with self.db.transaction() as session:
+            expired = session.execute(
+                select(Job.id, Job.attempts, Job.lease_owner).where(
+                    Job.status == JobStatus.RUNNING,
+                    Job.lease_expires_at.is_not(None),
+                    Job.lease_expires_at < now,
+                )
+            ).all()
+            for job_id, attempts, owner in expired:
+                if attempts >= max_attempts:
+                    job = _fail(
+                        session,
+                        job_id,
+                        WORKER_LOST,
+                        f"The transcription stopped without finishing {attempts} times "
+                        "(its worker crashed or was killed); the credit was refunded.",
+                    )
+                    if job is not None:
+                        failed.append(job)
+                    continue
+                result = session.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job_id,
+                        Job.status == JobStatus.RUNNING,
+                        Job.lease_owner == owner,
+                        Job.lease_expires_at < now,
+                    )
+                    .values(
+                        status=JobStatus.QUEUED,
+                        progress=0.0,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=utcnow(),
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if result.rowcount == 1:  # type: ignore[attr-defined]
+                    log.warning("job %s lost its worker; queued again", job_id)
+                    requeued.append(job_id)
+        for job in failed:
+            self.files.tidy(job.id, audio_key=job.audio_key, transcripts=True)
+        return requeued
 
     def mark_deleted(self, job_id: str) -> Job:
         """Forget a finished job's transcript; the row stays for the ledger's history."""
@@ -301,4 +383,5 @@ class Lifecycle:
                 if transcript is not None:
                     session.delete(transcript)
             session.flush()
-            return job
+        self.files.tidy(job_id, audio_key=job.audio_key, transcripts=True)
+        return job

@@ -14,6 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from transcription.db.models import Job
+from transcription.states import CodeState, EngineKind, Mode
+
 GROUP = "transcription.whisper.dev"
 VERSION = "v1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -24,8 +27,13 @@ JOB_LABEL = f"{GROUP}/transcription-job"
 #: Annotation with the submission time (microseconds) that orders the admission queue.
 SUBMITTED_AT = f"{GROUP}/submitted-at"
 
-Format = Literal["txt", "srt", "vtt", "json"]
-FORMATS: tuple[Format, ...] = ("txt", "srt", "vtt", "json")
+#: The custom resources' plurals, as the API paths and RBAC rules name them.
+TJ_PLURAL = "transcriptionjobs"
+CC_PLURAL = "creditcodes"
+
+#: The transcriber's exit code when the audio itself is at fault: the Job's pod failure policy
+#: fails the Job at once on it instead of retrying.
+USER_ERROR_EXIT = 3
 
 _JOB_NAME = re.compile(r"^tr-[0-9a-f]{16}$")
 
@@ -43,15 +51,6 @@ class Phase(StrEnum):
     @property
     def finished(self) -> bool:
         return self in (Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED)
-
-
-class CodeState(StrEnum):
-    """Whether a credit code can start new jobs, and if not, why."""
-
-    ACTIVE = "active"
-    EXHAUSTED = "exhausted"
-    EXPIRED = "expired"
-    REVOKED = "revoked"
 
 
 class _Model(BaseModel):
@@ -84,38 +83,25 @@ _CONDITIONS: dict[str, Any] = {
 
 
 class TranscriptionJobSpec(_Model):
-    """What to transcribe and how; written by the gateway, read by the operator."""
+    """What the operator needs to build the Job; the database holds the rest (the audio, its
+    length, the language, the prompt and the credit), and is the truth."""
 
-    audio_key: str = Field(
-        min_length=1, max_length=255, description="Key of the uploaded mp3 in the blob store."
+    job_id: str = Field(
+        pattern=r"^tr_[0-9a-f]{16}$", description="ID of the transcription in the database."
     )
-    audio_seconds: float = Field(
-        gt=0, description="Length of the audio in seconds, as measured by decoding it."
-    )
-    code_id: str = Field(
-        pattern=r"^cc_[0-9a-z]+$",
-        description="ID of the credit code paying for the job (never the code itself).",
-    )
-    engine: Literal["local", "openai"] = Field("local", description="Whisper engine to use.")
+    engine: EngineKind = Field(EngineKind.LOCAL, description="Whisper engine to use.")
     model: str | None = Field(
         None, max_length=200, description="Model name or path; the engine's default if unset."
     )
-    mode: Literal["fast", "accurate"] = Field(
-        "fast", description="fast: batched decoding; accurate: sequential with context."
+    mode: Mode = Field(
+        Mode.FAST, description="fast: batched decoding; accurate: sequential with context."
     )
-    language: str | None = Field(
-        None, pattern=r"^[a-z]{2,3}$", description="ISO-639-1 language; detected if unset."
-    )
-    prompt: str | None = Field(
-        None, max_length=2000, description="Text that primes the model (names, spelling)."
-    )
-    formats: list[Format] = Field(
-        default_factory=lambda: list(FORMATS),
-        description="Transcript formats to produce.",
-    )
-    callback_url: str | None = Field(
-        None, max_length=2000, description="URL notified when the job finishes."
-    )
+
+    @classmethod
+    def of(cls, job: Job) -> TranscriptionJobSpec:
+        return cls(
+            job_id=job.id, engine=EngineKind(job.engine), model=job.model, mode=Mode(job.mode)
+        )
 
 
 class TranscriptUris(_Model):

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from transcription.states import EngineKind
+
 #: CTranslate2's precisions (https://opennmt.net/CTranslate2/quantization.html).
 ComputeType = Literal[
     "default",
@@ -53,10 +55,17 @@ class CoreSettings(BaseSettings):
     max_upload_bytes: int = Field(
         256 * 1024 * 1024, ge=1, description="Largest upload accepted, in bytes."
     )
-    engine: Literal["local", "openai"] = Field("local", description="Whisper engine.")
+    engine: EngineKind = Field(EngineKind.LOCAL, description="Whisper engine: local or openai.")
     model: str | None = Field(
         None,
         description="Model path or name; default: bundled tiny.en (local), whisper-1 (openai).",
+    )
+
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        description="Times a job is started before a lost worker or vanished Job fails it "
+        "(refunded).",
     )
 
     def resolved_database_url(self) -> str:
@@ -152,6 +161,12 @@ class GatewaySettings(WorkerSettings):
     )
     concurrency: int = Field(
         0, ge=0, description="Transcriptions run at once by the local runner; 0 = automatic."
+    )
+    lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How long a local worker's claim on a running job lasts without renewal; "
+        "a job whose worker died runs again after it.",
     )
     migrate_on_start: bool = Field(True, description="Apply database migrations at startup.")
     idempotency_ttl_hours: int = Field(24, ge=24, description="How long Idempotency-Keys live.")

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from enum import StrEnum
 
-TranscriptFormat = Literal["txt", "srt", "vtt", "json"]
-FORMATS: tuple[TranscriptFormat, ...] = ("txt", "srt", "vtt", "json")
+
+class OutputFormat(StrEnum):
+    """The renderings every finished transcript is stored in."""
+
+    TXT = "txt"
+    SRT = "srt"
+    VTT = "vtt"
+    JSON = "json"
+
+
+FORMATS: tuple[OutputFormat, ...] = tuple(OutputFormat)
 MEDIA_TYPES: dict[str, str] = {
     "txt": "text/plain; charset=utf-8",
     "srt": "application/x-subrip; charset=utf-8",
@@ -99,5 +108,5 @@ def to_json(result: TranscriptResult) -> str:
 RENDERERS = {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "json": to_json}
 
 
-def render(result: TranscriptResult, fmt: TranscriptFormat) -> str:
+def render(result: TranscriptResult, fmt: OutputFormat) -> str:
     return RENDERERS[fmt](result)

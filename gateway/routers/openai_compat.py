@@ -32,7 +32,7 @@ from gateway.submission import (
     upload_request_body,
 )
 from gateway.uploads import Upload
-from transcription import lifecycle
+from transcription import jobfiles
 from transcription.db.models import Job, Transcript
 from transcription.errors import (
     Conflict,
@@ -198,12 +198,12 @@ def _outcome_error(job: Job) -> DomainError:
 def _render(services: Services, job: Job, transcript: Transcript, form: Form) -> Response:
     fmt = form.response_format
     if fmt in ("text", "srt", "vtt"):
-        key = lifecycle.transcript_key(job.id, "txt" if fmt == "text" else fmt)
+        key = jobfiles.transcript_key(job.id, "txt" if fmt == "text" else fmt)
         return PlainTextResponse(services.blobs.get_bytes(key).decode())
     usage = {"type": "duration", "seconds": job.charged_seconds or 0}
     if fmt == "json":
         return JSONResponse({"text": transcript.text, "usage": usage})
-    stored = json.loads(services.blobs.get_bytes(lifecycle.transcript_key(job.id, "json")))
+    stored = json.loads(services.blobs.get_bytes(jobfiles.transcript_key(job.id, "json")))
     return JSONResponse(
         {
             "task": "transcribe",

@@ -14,7 +14,7 @@ from gateway.pagination import newest_first
 from gateway.schemas import ErrorResponse, ListResponse, TranscriptionOut
 from gateway.services import Services
 from gateway.submission import accept_upload, cancel_job, job_options, upload_request_body
-from transcription import lifecycle
+from transcription import jobfiles
 from transcription.db.models import CreditCode, Job, Transcript
 from transcription.errors import NotFound, TranscriptNotReady
 from transcription.states import JobStatus
@@ -142,7 +142,7 @@ def get_transcript(services: ServicesDep, code: CodeDep, job_id: str, fmt: str) 
             JobStatus.CANCELLED.value: "the transcription was cancelled",
         }.get(job.status, f"the job is {job.status}")
         raise TranscriptNotReady(f"No transcript: {why}.", param="id")
-    body = services.blobs.get_bytes(lifecycle.transcript_key(job.id, fmt))
+    body = services.blobs.get_bytes(jobfiles.transcript_key(job.id, fmt))
     stem = (job.filename or job.id).rsplit(".", 1)[0] or job.id
     return Response(
         content=body,
@@ -164,7 +164,4 @@ def delete_transcription(services: ServicesDep, code: CodeDep, job_id: str) -> T
         cancelled = cancel_job(services, job_id)
         if cancelled is not None:
             return TranscriptionOut.build(cancelled)
-    services.blobs.delete(job.audio_key)
-    for fmt in FORMATS:
-        services.blobs.delete(lifecycle.transcript_key(job_id, fmt))
     return TranscriptionOut.build(services.lifecycle.mark_deleted(job_id))

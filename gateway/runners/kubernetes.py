@@ -13,8 +13,6 @@ from transcription.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
-PLURAL = "transcriptionjobs"
-
 
 class KubernetesJobRunner:
     """Creates a TranscriptionJob per job and deletes it on cancellation; the operator does the rest."""
@@ -45,33 +43,31 @@ class KubernetesJobRunner:
         return "ok" if self._custom is not None else "starting"
 
     def submit(self, job_id: str) -> None:
+        """Create the job's TranscriptionJob. If that fails (or this process dies first), the
+        operator's reconciliation creates it from the database, so a failure here is logged,
+        not fatal: the job stays queued with its credit held until it runs."""
         assert self._custom is not None, "start() the runner first"
         job = self.lc.get(job_id)
-        spec = resources.TranscriptionJobSpec(
-            audio_key=job.audio_key,
-            audio_seconds=job.audio_seconds,
-            code_id=job.code_id,
-            engine="openai" if job.engine == "openai" else "local",
-            model=job.model,
-            mode="accurate" if job.mode == "accurate" else "fast",
-            language=job.language,
-            prompt=job.prompt,
-        )
         body = resources.transcription_job(
-            job_id=job_id, namespace=self.namespace, spec=spec, submitted_at=job.created_at
+            job_id=job_id,
+            namespace=self.namespace,
+            spec=resources.TranscriptionJobSpec.of(job),
+            submitted_at=job.created_at,
         )
         try:
             self._custom.create_namespaced_custom_object(
-                resources.GROUP, resources.VERSION, self.namespace, PLURAL, body
+                resources.GROUP, resources.VERSION, self.namespace, resources.TJ_PLURAL, body
             )
         except ApiException as exc:
-            if exc.status == 409:  # submitted before (a retried request): same job
-                return
-            log.error("the cluster refused TranscriptionJob %s: %s", job_id, exc.reason)
-            self.lc.fail(
-                job_id,
-                code="runner_unavailable",
-                message="The cluster did not accept the job; the credit was refunded.",
+            if exc.status != 409:  # 409: submitted before (a retried request), same job
+                log.warning(
+                    "could not create TranscriptionJob %s (%s); the operator will",
+                    job_id,
+                    exc.reason,
+                )
+        except Exception:
+            log.warning(
+                "could not create TranscriptionJob %s; the operator will", job_id, exc_info=True
             )
 
     def cancel(self, job_id: str) -> None:
@@ -82,7 +78,7 @@ class KubernetesJobRunner:
                 resources.GROUP,
                 resources.VERSION,
                 self.namespace,
-                PLURAL,
+                resources.TJ_PLURAL,
                 resources.resource_name(job_id),
             )
         except ApiException as exc:

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from tests.fixtures.server import running_server
-from transcription.cli import app
+from whisperctl import app
 
 Codes = Callable[..., Result]
 

@@ -6,9 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, Protocol, TypeGuard
 
+from transcription.states import Mode
 from transcription.transcript import TranscriptResult
-
-Mode = Literal["fast", "accurate"]
 
 ProgressCallback = Callable[[float], None]
 """Called with the seconds of audio processed so far; values never decrease."""
@@ -26,7 +25,7 @@ class Engine(Protocol):
         *,
         language: str | None = None,
         prompt: str | None = None,
-        mode: Mode = "fast",
+        mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
     ) -> TranscriptResult: ...
 
@@ -53,7 +52,7 @@ class ResumableEngine(Engine, Protocol):
         *,
         language: str | None = None,
         prompt: str | None = None,
-        mode: Mode = "fast",
+        mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
     ) -> TranscriptResult: ...

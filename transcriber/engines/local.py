@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import av
 
-from transcriber.engines.base import Mode, ProgressCallback
+from transcriber.engines.base import ProgressCallback
 from transcription.errors import TranscriptionFailed
+from transcription.states import Mode
 from transcription.transcript import Segment, TranscriptResult
 
 if TYPE_CHECKING:
@@ -73,8 +74,8 @@ class LocalEngine:
         self.batch_size = batch_size
         # Accurate mode trades int8's speed for the model's full precision (about 2x the time).
         self.compute_types: dict[Mode, str] = {
-            "fast": compute_type,
-            "accurate": accurate_compute_type,
+            Mode.FAST: compute_type,
+            Mode.ACCURATE: accurate_compute_type,
         }
         self.device = device
         self.loads = 0
@@ -83,7 +84,7 @@ class LocalEngine:
         self._models: dict[str, WhisperModel] = {}
         self._lock = threading.Lock()
 
-    def load(self, mode: Mode = "fast") -> WhisperModel:
+    def load(self, mode: Mode = Mode.FAST) -> WhisperModel:
         """Load the model at the precision ``mode`` uses on first use (once, even with concurrent
         callers) and return it."""
         compute_type = self.compute_types[mode]
@@ -136,15 +137,15 @@ class LocalEngine:
         *,
         language: str | None = None,
         prompt: str | None = None,
-        mode: Mode = "fast",
+        mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
     ) -> TranscriptResult:
         """Transcribe ``audio``; ``fast`` decodes VAD chunks in batches, ``accurate`` in order
         with the previous text as context."""
-        if mode not in ("fast", "accurate"):
+        if mode not in tuple(Mode):
             raise ValueError(f"Unknown transcription mode {mode!r}; use 'fast' or 'accurate'.")
         whisper = self.load(mode)
-        batched = mode == "fast"
+        batched = mode == Mode.FAST
         decode: dict[str, Any] = {"beam_size": _BEAM_SIZE}
         if batched:
             decode.update(batch_size=self.batch_size, vad_filter=True)

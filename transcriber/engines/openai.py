@@ -23,9 +23,10 @@ from typing import Any, Literal
 
 import openai
 
-from transcriber.engines.base import Checkpoints, Mode, ProgressCallback
+from transcriber.engines.base import Checkpoints, ProgressCallback
 from transcriber.mp3chunks import Chunk, plan_chunks, write_chunk
 from transcription.errors import EngineUnavailable, TranscriptionFailed
+from transcription.states import Mode
 from transcription.transcript import Segment, TranscriptResult
 
 DEFAULT_MODEL = "whisper-1"
@@ -126,13 +127,13 @@ class OpenAIEngine:
         *,
         language: str | None = None,
         prompt: str | None = None,
-        mode: Mode = "fast",
+        mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
     ) -> TranscriptResult:
         """Transcribe ``audio`` chunk by chunk; ``accurate`` sends one chunk at a time so every
         chunk is prompted with the text before it, ``fast`` sends ``parallelism`` at once."""
-        if mode not in ("fast", "accurate"):
+        if mode not in tuple(Mode):
             raise ValueError(f"Unknown transcription mode {mode!r}; use 'fast' or 'accurate'.")
         chunks = plan_chunks(
             audio, max_bytes=self.max_chunk_bytes, max_seconds=self.max_chunk_seconds
@@ -146,7 +147,7 @@ class OpenAIEngine:
         resumed = len(done)
         report = on_progress or (lambda _seconds: None)
         report(sum(piece.end - piece.start for piece in done.values()))
-        parallelism = 1 if mode == "accurate" else self.parallelism
+        parallelism = 1 if mode == Mode.ACCURATE else self.parallelism
         with tempfile.TemporaryDirectory(prefix="whisper-chunks-") as scratch:
             run = _Run(audio, chunks, keys, language, prompt, Path(scratch), checkpoints)
             run.texts.update({index: piece.text for index, piece in done.items()})

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     CheckConstraint,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -18,9 +20,20 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from transcription.states import (
+    RESOLUTIONS,
+    CodeState,
+    CreditState,
+    EngineKind,
+    EntryKind,
+    JobStatus,
+    Mode,
+)
 
 
 def utcnow() -> datetime:
@@ -46,6 +59,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def enum_column(enum: type[StrEnum], name: str) -> Enum:
+    """A column holding one of ``enum``'s values, checked by the database (a named CHECK)."""
+    return Enum(
+        enum,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -53,6 +79,9 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+RESOLVED_KINDS = "kind IN ({})".format(", ".join(f"'{k.value}'" for k in sorted(RESOLUTIONS)))
 
 
 class Base(DeclarativeBase):
@@ -89,27 +118,37 @@ class CreditCode(Base):
     def remaining_seconds(self) -> int:
         return self.budget_seconds - self.spent_seconds - self.reserved_seconds
 
-    def state(self, now: datetime | None = None) -> str:
+    def state(self, now: datetime | None = None) -> CodeState:
         now = now or utcnow()
         if self.revoked_at is not None:
-            return "revoked"
+            return CodeState.REVOKED
         if self.expires_at is not None and self.expires_at <= now:
-            return "expired"
+            return CodeState.EXPIRED
         if self.uses >= self.max_uses or self.remaining_seconds <= 0:
-            return "exhausted"
-        return "active"
+            return CodeState.EXHAUSTED
+        return CodeState.ACTIVE
 
 
 class LedgerEntry(Base):
     """One credit movement; the deltas of a code's entries sum to its counters."""
 
     __tablename__ = "ledger_entries"
-    __table_args__ = (UniqueConstraint("job_id", "kind", name="uq_ledger_entries_job_kind"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "kind", name="uq_ledger_entries_job_kind"),
+        # A reservation resolves once: a settle and a release for one job cannot both exist.
+        Index(
+            "uq_ledger_entries_job_resolution",
+            "job_id",
+            unique=True,
+            sqlite_where=text(RESOLVED_KINDS),
+            postgresql_where=text(RESOLVED_KINDS),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     code_id: Mapped[str] = mapped_column(ForeignKey("credit_codes.id"), index=True)
     job_id: Mapped[str | None] = mapped_column(String(32))
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[EntryKind] = mapped_column(enum_column(EntryKind, "entry_kind"))
     budget_delta: Mapped[int] = mapped_column(Integer, default=0)
     reserved_delta: Mapped[int] = mapped_column(Integer, default=0)
     spent_delta: Mapped[int] = mapped_column(Integer, default=0)
@@ -125,12 +164,18 @@ class Job(Base):
         Index("ix_jobs_code_created", "code_id", "created_at"),
         Index("ix_jobs_status_created", "status", "created_at"),
         CheckConstraint("progress >= 0 AND progress <= 1", name="progress_fraction"),
+        CheckConstraint(
+            "charged_seconds IS NULL OR (charged_seconds >= 0 "
+            "AND charged_seconds <= reserved_seconds)",
+            name="charged_within_reserved",
+        ),
+        CheckConstraint("attempts >= 0", name="attempts_nonnegative"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     code_id: Mapped[str] = mapped_column(ForeignKey("credit_codes.id"))
-    status: Mapped[str] = mapped_column(String(16))
-    credit_state: Mapped[str] = mapped_column(String(16))
+    status: Mapped[JobStatus] = mapped_column(enum_column(JobStatus, "job_status"))
+    credit_state: Mapped[CreditState] = mapped_column(enum_column(CreditState, "credit_state"))
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     filename: Mapped[str | None] = mapped_column(String(255))
     audio_key: Mapped[str] = mapped_column(String(255))
@@ -140,12 +185,14 @@ class Job(Base):
     charged_seconds: Mapped[int | None] = mapped_column(Integer)
     language: Mapped[str | None] = mapped_column(String(16))
     prompt: Mapped[str | None] = mapped_column(Text)
-    mode: Mapped[str] = mapped_column(String(16))
-    engine: Mapped[str] = mapped_column(String(16))
+    mode: Mapped[Mode] = mapped_column(enum_column(Mode, "mode"))
+    engine: Mapped[EngineKind] = mapped_column(enum_column(EngineKind, "engine"))
     model: Mapped[str | None] = mapped_column(String(200))
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

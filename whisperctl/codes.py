@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from transcription.cli.options import DataDir, JsonOutput, build_settings
+from whisperctl.options import DataDir, JsonOutput, build_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from transcription.cli.options import DataDir, build_settings
+from whisperctl.options import DataDir, build_settings
 
 app = typer.Typer(help="Manage the database schema.", no_args_is_help=True)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from transcription.cli import cluster, codes, db, serve, submit
+from whisperctl import cluster, codes, db, serve, submit
 
 app = typer.Typer(
     name="whisperctl",

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from transcription.cli.options import DataDir, build_settings
+from whisperctl.options import DataDir, build_settings
 
 
 def serve(
