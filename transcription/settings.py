@@ -188,8 +188,9 @@ class OperatorSettings(CoreSettings):
         "whisper-transcriber:latest", description="Container image of the transcriber Job."
     )
     transcriber_env_secret: str | None = Field(
-        "whisper-transcriber",
-        description="Secret whose keys become the transcriber's environment (DATABASE_URL, …).",
+        None,
+        description="Secret whose keys become the transcriber's environment: the engine's own "
+        "settings (OPENAI_API_KEY, …). Never the database: the transcriber has none.",
     )
     transcriber_service_account: str = Field(
         "whisper-transcriber", description="Service account the transcriber pods run as."
@@ -211,6 +212,14 @@ class OperatorSettings(CoreSettings):
     namespace: str | None = Field(
         None, description="Namespace the operator watches; every namespace when unset."
     )
-    admission_interval: float = Field(
-        10.0, gt=0, description="Seconds between admission passes besides the event-driven ones."
+    reconcile_interval: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds between reconciliation passes (database, TranscriptionJobs and "
+        "Jobs compared and repaired, progress copied) besides the event-driven ones.",
     )
+
+    @property
+    def jobs_namespace(self) -> str:
+        """Where a TranscriptionJob the gateway failed to create is created instead."""
+        return self.namespace or "default"

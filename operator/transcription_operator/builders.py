@@ -7,8 +7,9 @@ import hashlib
 from datetime import datetime
 from typing import Any
 
-from transcriber.job import USER_ERROR_EXIT
 from transcription import resources
+from transcription.jobfiles import RunRequest
+from transcription.resources import USER_ERROR_EXIT
 from transcription.settings import OperatorSettings
 
 CONTAINER = "transcriber"
@@ -40,11 +41,12 @@ def job_name(cr_name: str) -> str:
 
 def transcriber_job(
     tj: dict[str, Any],
-    job_id: str,
+    request: RunRequest,
     spec: resources.TranscriptionJobSpec,
     settings: OperatorSettings,
 ) -> dict[str, Any]:
-    """The batch/v1 Job that runs ``python -m transcriber`` for one TranscriptionJob."""
+    """The batch/v1 Job that runs ``python -m transcriber`` for one TranscriptionJob. Its pod
+    gets the run's request, the blob store and the engine's own Secret: no database."""
     cr_name = tj["metadata"]["name"]
     labels = {
         "app.kubernetes.io/name": "whisper-transcriber",
@@ -56,7 +58,8 @@ def transcriber_job(
     if settings.kueue_queue_name:
         job_labels[KUEUE_QUEUE_LABEL] = settings.kueue_queue_name
     env = [
-        {"name": "WHISPER_JOB_ID", "value": job_id},
+        *({"name": name, "value": value} for name, value in request.env().items()),
+        {"name": "WHISPER_BLOB_URL", "value": settings.resolved_blob_url()},
         {"name": "WHISPER_ENGINE", "value": spec.engine},
         {"name": "WHISPER_TERMINATION_MESSAGE_PATH", "value": "/dev/termination-log"},
         # The root filesystem is read-only; /tmp is the pod's own emptyDir.

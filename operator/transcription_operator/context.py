@@ -13,6 +13,7 @@ from kubernetes.client.exceptions import ApiException
 from transcription import resources
 from transcription.blobstore import BlobStore, open_blob_store
 from transcription.db.session import Database
+from transcription.jobfiles import JobFiles
 from transcription.kubeclient import api_client
 from transcription.lifecycle import Lifecycle
 from transcription.settings import OperatorSettings
@@ -20,16 +21,13 @@ from transcription_operator import builders
 
 log = logging.getLogger(__name__)
 
-TJ_PLURAL = "transcriptionjobs"
-CC_PLURAL = "creditcodes"
-
 
 @dataclass
 class Context:
     settings: OperatorSettings
     db: Database
     lifecycle: Lifecycle
-    blobs: BlobStore
+    files: JobFiles
     code_key: bytes
     core: client.CoreV1Api
     batch: client.BatchV1Api
@@ -38,12 +36,14 @@ class Context:
     @classmethod
     def build(cls, settings: OperatorSettings) -> Context:
         db = Database(settings.resolved_database_url())
+        blobs: BlobStore = open_blob_store(settings.resolved_blob_url())
         api = api_client()
+        lifecycle = Lifecycle(db, blobs)
         return cls(
             settings=settings,
             db=db,
-            lifecycle=Lifecycle(db),
-            blobs=open_blob_store(settings.resolved_blob_url()),
+            lifecycle=lifecycle,
+            files=lifecycle.files,
             code_key=settings.code_key(),
             core=client.CoreV1Api(api),
             batch=client.BatchV1Api(api),
@@ -53,17 +53,6 @@ class Context:
     def close(self) -> None:
         self.db.dispose()
         self.core.api_client.close()
-
-    def get_tj(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            found: Any = self.custom.get_namespaced_custom_object(
-                resources.GROUP, resources.VERSION, namespace, TJ_PLURAL, name
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(found)
 
     def patch_status(
         self,

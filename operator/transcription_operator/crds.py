@@ -132,7 +132,7 @@ def transcription_job_crd() -> dict[str, Any]:
             {
                 "name": "Audio",
                 "type": "number",
-                "jsonPath": ".spec.audioSeconds",
+                "jsonPath": ".status.audioSeconds",
                 "description": "Seconds of audio.",
             },
             {

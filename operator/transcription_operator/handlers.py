@@ -1,8 +1,9 @@
 """The kopf handlers: thin glue between Kubernetes events, the lifecycle and the builders.
 
-Every handler is safe to run twice (a restart replays them): the Job's name is fixed, a 409 on
-create counts as done, and the lifecycle and ledger make settlement and release no-ops when
-repeated. Status is written by the operator alone, through the status subresource.
+No money moves only on an event: kopf never retries ``on.event`` handlers, so the Job handler
+just wakes the reconciler, whose level-based passes settle, refund and repair everything from
+the database, the TranscriptionJobs and the Jobs. Every handler is safe to run twice (a restart
+replays them). Status is written by the operator alone, through the status subresource.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from transcription import ledger
 from transcription.db.models import CreditCode
 from transcription.errors import NotFound
 from transcription.resources import (
+    CC_PLURAL,
     GROUP,
     JOB_LABEL,
+    TJ_PLURAL,
     VERSION,
-    CodeState,
     CreditCodeSpec,
     CreditCodeStatus,
     Phase,
@@ -34,20 +36,12 @@ from transcription.resources import (
 )
 from transcription.settings import OperatorSettings
 from transcription_operator import builders
-from transcription_operator.admission import Admission
-from transcription_operator.context import CC_PLURAL, TJ_PLURAL, Context
-from transcription_operator.status import (
-    JobState,
-    cr_status,
-    job_state,
-    phase_of,
-    snapshot,
-    termination,
-)
+from transcription_operator.context import Context
+from transcription_operator.reconcile import Reconciler
+from transcription_operator.status import cr_status, snapshot
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL = 5.0
 CODE_REFRESH_INTERVAL = 30.0
 
 
@@ -56,14 +50,15 @@ def _ctx(memo: Any) -> Context:
     return ctx
 
 
-def _admission(memo: Any) -> Admission:
-    admission: Admission = memo.admission
-    return admission
+def _reconciler(memo: Any) -> Reconciler:
+    reconciler: Reconciler = memo.reconciler
+    return reconciler
 
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Keep kopf's bookkeeping in our annotations (a structural CRD would prune it from status)."""
+    """Keep kopf's bookkeeping in our annotations (a structural CRD would prune it from status)
+    and start the reconciliation loop, whose first pass runs at once."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -71,15 +66,15 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.WARNING
     ctx = await asyncio.to_thread(Context.build, OperatorSettings())
-    admission = Admission(ctx)
+    reconciler = Reconciler(ctx)
     memo.ctx = ctx
-    memo.admission = admission
-    memo.admission_task = asyncio.create_task(admission.run(), name="admission")
+    memo.reconciler = reconciler
+    memo.reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
 
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    memo.admission_task.cancel()
+    memo.reconcile_task.cancel()
     _ctx(memo).close()
 
 
@@ -105,7 +100,7 @@ def _reject(ctx: Context, body: kopf.Body, reason: str, message: str) -> kopf.Pe
 @kopf.on.resume(GROUP, VERSION, TJ_PLURAL)
 @kopf.on.create(GROUP, VERSION, TJ_PLURAL)
 def accept(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
-    """Validate a new TranscriptionJob and queue it for admission."""
+    """Validate a new TranscriptionJob against the database and queue it for admission."""
     ctx = _ctx(memo)
     phase = (body.get("status") or {}).get("phase")
     if phase and Phase(phase).finished:
@@ -116,10 +111,14 @@ def accept(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
             ctx, body, "InvalidName", f"{name!r} is not a transcription ID; the gateway names them."
         )
     try:
-        TranscriptionJobSpec.model_validate(dict(body.spec))
+        spec = TranscriptionJobSpec.model_validate(dict(body.spec))
     except ValidationError as exc:
         ctx.lifecycle.fail(job_id, code="invalid_spec", message=str(exc))
         raise _reject(ctx, body, "InvalidSpec", f"The spec is invalid: {exc}") from None
+    if spec.job_id != job_id:
+        message = f"spec.jobId {spec.job_id!r} does not match the name {name!r}."
+        ctx.lifecycle.fail(job_id, code="invalid_spec", message=message)
+        raise _reject(ctx, body, "InvalidSpec", message)
     try:
         db_job = ctx.lifecycle.get(job_id)
     except NotFound:
@@ -143,20 +142,18 @@ def accept(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
         )
         ctx.patch_status(TJ_PLURAL, body.metadata["namespace"], name, status)
         ctx.post_event(dict(body), "Queued", f"Accepted {db_job.audio_seconds:.1f} s of audio.")
-    _admission(memo).wake()
+    _reconciler(memo).wake()
 
 
 @kopf.on.delete(GROUP, VERSION, TJ_PLURAL)
-def release(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    """Deleting an unfinished TranscriptionJob cancels it, refunds it and stops its Job."""
+def cancel(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Deleting an unfinished TranscriptionJob cancels it under the credit rules and stops its
+    Job; kopf retries this handler until it succeeds, and only then lets the object go."""
     ctx = _ctx(memo)
     assert namespace is not None  # TranscriptionJobs are namespaced
     job_id = job_id_of(name)
-    if job_id is not None:
-        cancelled = ctx.lifecycle.cancel(job_id)
-        if cancelled is not None:
-            ctx.blobs.delete(cancelled.audio_key)
-            log.info("refunded %s: its TranscriptionJob was deleted", job_id)
+    if job_id is not None and ctx.lifecycle.cancel(job_id) is not None:
+        log.info("cancelled %s: its TranscriptionJob was deleted", job_id)
     try:
         ctx.batch.delete_namespaced_job(
             builders.job_name(name), namespace, propagation_policy="Background"
@@ -164,132 +161,16 @@ def release(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, 
     except ApiException as exc:
         if exc.status != 404:
             raise
-    _admission(memo).wake()
-
-
-@kopf.timer(
-    GROUP,
-    VERSION,
-    TJ_PLURAL,
-    interval=PROGRESS_INTERVAL,
-    when=lambda status, **_: status.get("phase") == Phase.RUNNING,
-)
-def mirror_progress(
-    body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, **_: Any
-) -> None:
-    """Copy the transcriber's progress from the database into the status."""
-    ctx = _ctx(memo)
-    job_id = job_id_of(name)
-    if job_id is None or namespace is None:
-        return
-    progress = round(ctx.lifecycle.get(job_id).progress, 4)
-    if (body.get("status") or {}).get("progress") != progress:
-        ctx.patch_status(TJ_PLURAL, namespace, name, {"progress": progress})
+    _reconciler(memo).wake()
 
 
 # --- the child Jobs -------------------------------------------------------------------------
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={JOB_LABEL: kopf.PRESENT})
-def follow_job(
-    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
-) -> None:
-    """Carry a child Job's progress to its TranscriptionJob; settle or refund when it ends."""
-    ctx = _ctx(memo)
-    if event.get("type") == "DELETED" or namespace is None:
-        _admission(memo).wake()
-        return
-    state = job_state(dict(body))
-    finished = finish(ctx, dict(body), namespace, state)
-    if finished:
-        _admission(memo).wake()
-
-
-def finish(ctx: Context, job: dict[str, Any], namespace: str, state: JobState) -> bool:
-    """Bring the database and the TranscriptionJob in line with the Job; True once final."""
-    cr_name = job["metadata"]["labels"][JOB_LABEL]
-    job_id = job_id_of(cr_name)
-    if job_id is None:
-        return False
-    if state.phase == Phase.SUCCEEDED:
-        if ctx.lifecycle.complete(job_id) is None:
-            ended = termination(_pods(ctx, namespace, job))
-            detail = f" ({ended.error_message})" if ended and ended.error_message else ""
-            ctx.lifecycle.fail(
-                job_id,
-                code="transcript_missing",
-                message="The transcriber finished without recording a transcript"
-                f"{detail}; the credit was refunded.",
-            )
-    elif state.phase == Phase.FAILED:
-        ended = termination(_pods(ctx, namespace, job))
-        if ended is not None and ended.outcome == "rejected" and ended.error_code:
-            code, message = ended.error_code, ended.error_message or "The audio was rejected."
-        else:
-            detail = f" Last error: {ended.error_message}" if ended and ended.error_message else ""
-            code = "transcription_failed"
-            message = (
-                f"The transcriber Job failed ({state.reason}: {state.message or 'no message'})."
-                f"{detail} The credit was refunded."
-            )
-        failed = ctx.lifecycle.fail(job_id, code=code, message=message)
-        if failed is not None:
-            ctx.blobs.delete(failed.audio_key)
-    try:
-        db = snapshot(ctx.lifecycle.get(job_id), ctx.lifecycle.transcript(job_id))
-    except NotFound:
-        return False
-    for _attempt in range(5):
-        tj = ctx.get_tj(namespace, cr_name)
-        if tj is None or tj["metadata"].get("deletionTimestamp"):
-            return False
-        old = tj.get("status") or {}
-        phase = phase_of(db, state)
-        reason, message = _explain(phase, state, db)
-        new = cr_status(
-            old,
-            phase=phase,
-            reason=reason,
-            message=message,
-            db=db,
-            job_name=job["metadata"]["name"],
-            generation=tj["metadata"].get("generation"),
-            now=datetime.now(UTC),
-        )
-        if new == old:
-            return phase.finished
-        if ctx.patch_status(
-            TJ_PLURAL,
-            namespace,
-            cr_name,
-            new,
-            resource_version=tj["metadata"]["resourceVersion"],
-        ):
-            if old.get("phase") != phase:
-                ctx.post_event(tj, reason, message, warning=phase == Phase.FAILED)
-            return phase.finished
-    raise kopf.TemporaryError("the TranscriptionJob kept changing; retrying", delay=1)
-
-
-def _explain(phase: Phase, state: JobState, db: Any) -> tuple[str, str]:
-    if phase == Phase.SUCCEEDED:
-        return "Transcribed", (
-            f"Transcribed {db.audio_seconds:.1f} s of audio; charged {db.charged_seconds} s."
-        )
-    if phase == Phase.FAILED:
-        return "Failed", db.error_message or "The transcription failed; the credit was refunded."
-    if phase == Phase.CANCELLED:
-        return "Cancelled", "Cancelled; the credit was refunded."
-    if phase == Phase.RUNNING:
-        return "Transcribing", "A transcriber pod is running."
-    return state.reason, state.message
-
-
-def _pods(ctx: Context, namespace: str, job: dict[str, Any]) -> list[dict[str, Any]]:
-    selector = f"{JOB_LABEL}={job['metadata']['labels'][JOB_LABEL]}"
-    pods = ctx.core.list_namespaced_pod(namespace, label_selector=selector)
-    found: list[dict[str, Any]] = ctx.core.api_client.sanitize_for_serialization(pods.items)
-    return found
+def follow_job(memo: kopf.Memo, **_: Any) -> None:
+    """A child Job changed: reconcile now rather than at the next tick."""
+    _reconciler(memo).wake()
 
 
 # --- CreditCode -----------------------------------------------------------------------------
@@ -328,7 +209,7 @@ def _code_status(record: CreditCode, secret: str, message: str, generation: Any)
         spent_seconds=record.spent_seconds,
         uses=record.uses,
         max_uses=record.max_uses,
-        state=CodeState(record.state()),
+        state=record.state(),
         observed_generation=generation,
         message=message,
     ).dump()

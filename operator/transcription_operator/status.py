@@ -121,6 +121,27 @@ def phase_of(db: Snapshot, job: JobState | None) -> Phase:
     return job.phase
 
 
+def explain(phase: Phase, state: JobState | None, db: Snapshot) -> tuple[str, str]:
+    """The reason and sentence that go with ``phase`` in the status and its Event."""
+    if phase == Phase.SUCCEEDED:
+        return "Transcribed", (
+            f"Transcribed {db.audio_seconds:.1f} s of audio; charged {db.charged_seconds} s."
+        )
+    if phase == Phase.FAILED:
+        return "Failed", db.error_message or "The transcription failed; the credit was refunded."
+    if phase == Phase.CANCELLED:
+        return "Cancelled", (
+            f"Cancelled; charged {db.charged_seconds or 0} s for the audio already transcribed."
+            if db.charged_seconds
+            else "Cancelled before any audio was transcribed; the credit was refunded."
+        )
+    if phase == Phase.RUNNING:
+        return "Transcribing", "A transcriber pod is running."
+    if state is None:
+        return "Queued", "Waiting for a free transcriber slot."
+    return state.reason, state.message
+
+
 def set_condition(
     conditions: list[dict[str, Any]],
     type_: str,

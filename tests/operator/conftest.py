@@ -30,10 +30,10 @@ from transcriber.engines.base import Engine
 from transcription import resources
 from transcription.db.migrate import upgrade
 from transcription.db.session import Database
+from transcription.jobfiles import RunRequest
 
 NAMESPACE = "default"
 CODE_SECRET = "operator-test-code-secret"
-ENV_SECRET = "whisper-transcriber"
 OPERATOR_TOKEN = "operator"
 
 
@@ -173,7 +173,7 @@ class Kubelet:
         self.workdir = workdir
 
     def env(self, job: dict[str, Any]) -> dict[str, str]:
-        """The transcriber container's environment: its env plus its Secret's keys."""
+        """The transcriber container's environment: its env plus its Secret's keys, if any."""
         container = job["spec"]["template"]["spec"]["containers"][0]
         env: dict[str, str] = {}
         for source in container.get("envFrom") or []:
@@ -183,6 +183,8 @@ class Kubelet:
             env.update({k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()})
         env.update({e["name"]: e["value"] for e in container.get("env") or []})
         env.pop("HOME", None)
+        # The pod has no database: make sure nothing inherited from the test run gives it one.
+        env["DATABASE_URL"] = env["WHISPER_DATABASE_URL"] = "postgresql://nowhere.invalid/none"
         env["WHISPER_TERMINATION_MESSAGE_PATH"] = str(
             self.workdir / f"{job['metadata']['name']}-{secrets.token_hex(3)}.log"
         )
@@ -208,7 +210,8 @@ class Kubelet:
             from transcriber.job import JobSettings, run_job
 
             with _environ(env):
-                code = run_job(JobSettings(), engine=engine)  # type: ignore[call-arg]
+                request = RunRequest.from_env(os.environ)
+                code = run_job(JobSettings(), request, engine=engine)
         return code, path.read_text()
 
     def finish(self, job: dict[str, Any], exit_code: int, message: str, *, final: bool) -> None:
@@ -310,23 +313,9 @@ def start_operator(
             "WHISPER_BLOB_URL": blob or blob_url,
             "WHISPER_CODE_SECRET": CODE_SECRET,
             "WHISPER_DATA_DIR": str(tmp_path / "operator-data"),
-            "WHISPER_ADMISSION_INTERVAL": "2",
+            "WHISPER_RECONCILE_INTERVAL": "2",
             **{f"WHISPER_{k.upper()}": str(v) for k, v in settings.items()},
         }
-        # The transcriber's configuration, as the chart would put it in this Secret.
-        secret = {"apiVersion": "v1", "kind": "Secret",
-                  "metadata": {"name": ENV_SECRET, "namespace": NAMESPACE},
-                  "stringData": {}, "data": {
-                      k: base64.b64encode(v.encode()).decode()
-                      for k, v in {"DATABASE_URL": pg_url,
-                                   "WHISPER_BLOB_URL": env["WHISPER_BLOB_URL"],
-                                   "WHISPER_PROGRESS_INTERVAL": "0"}.items()}}  # fmt: skip
-        secret.pop("stringData")
-        try:
-            cluster.core.create_namespaced_secret(NAMESPACE, secret)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
         operator = Operator(env, tmp_path / "operator.log")
         operator.start()
         started.append(operator)

@@ -96,7 +96,9 @@ def test_the_operator_rbac_allows_exactly_what_the_operator_calls(
     operator = start_operator()
     finished, _ = submit_direct(op_db, cluster)
     deleted, _ = submit_direct(op_db, cluster)
-    for job_id in (finished, deleted):
+    # A job whose gateway died before creating its TranscriptionJob: the operator creates it.
+    orphan, _ = submit_direct(op_db, cluster, create_tj=False)
+    for job_id in (finished, deleted, orphan):
         wait_for(lambda j=job_id: cluster.job(resources.resource_name(j)), what="the Job",
                  log=operator.log)  # fmt: skip
     job = cluster.job(resources.resource_name(finished))

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from transcription import resources
+from transcription.jobfiles import RunRequest
 from transcription.settings import OperatorSettings
 from transcription_operator import builders, crds
 from transcription_operator.status import Phase, job_state, termination
@@ -38,16 +39,24 @@ def settings(**overrides: Any) -> OperatorSettings:
 
 
 def built() -> dict[str, dict[str, Any]]:
-    spec = resources.TranscriptionJobSpec(
-        audio_key="jobs/tr_0123456789abcdef/audio.mp3",
+    spec = resources.TranscriptionJobSpec(job_id="tr_0123456789abcdef", model="tiny.en")
+    request = RunRequest(
+        job_id="tr_0123456789abcdef",
+        audio_key="jobs/tr_0123456789abcdef/work/audio.mp3",
         audio_seconds=61.2,
-        code_id="cc_1",
-        model="tiny.en",
+        language="en",
+        prompt="Names: Ada, Grace.",
     )
+    bucket = "gs://whisper-transcripts/prod"
     return {
-        "job.yaml": builders.transcriber_job(TJ, "tr_0123456789abcdef", spec, settings()),
+        "job.yaml": builders.transcriber_job(TJ, request, spec, settings(blob_url=bucket)),
         "job-kueue.yaml": builders.transcriber_job(
-            TJ, "tr_0123456789abcdef", spec, settings(kueue_queue_name="gpu")
+            TJ,
+            request,
+            spec,
+            settings(
+                blob_url=bucket, kueue_queue_name="gpu", transcriber_env_secret="whisper-openai"
+            ),
         ),
         "secret.yaml": builders.code_secret(CC, "wt_example", "cc_1"),
         "event.yaml": builders.event(TJ | {"metadata": {**TJ["metadata"]}}, reason="Admitted",
