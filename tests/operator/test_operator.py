@@ -268,8 +268,9 @@ def test_200_jobs_at_once_never_exceed_the_cap_and_are_admitted_in_order(
         # The free slots fill up to the cap (never past it) before the kubelet ends any Job.
         want = min(cap, len(names) - len(admitted))
         jobs = wait_for(
-            lambda: (fresh := [j for j in cluster.jobs() if j["metadata"]["name"] not in admitted])
-            and len(fresh) >= want and fresh,
+            lambda want=want: (  # type: ignore[misc]
+                fresh := [j for j in cluster.jobs() if j["metadata"]["name"] not in admitted]
+            ) and len(fresh) >= want and fresh,
             timeout=60, what=f"{want} admissions after {len(admitted)}", log=operator.log,
         )  # fmt: skip
         assert len(jobs) == want
