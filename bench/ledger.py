@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql
 
 from bench.common import cores, load_average, machine, report, table, verdict
-from transcription import ledger, lifecycle
+from transcription import jobfiles, ledger, lifecycle
 from transcription.db.migrate import upgrade
 from transcription.db.models import CreditCode, LedgerEntry
 from transcription.db.session import Database
@@ -46,7 +46,7 @@ def new_job(code_id: str) -> lifecycle.NewJob:
     return lifecycle.NewJob(
         job_id=job_id,
         code_id=code_id,
-        audio_key=lifecycle.audio_key(job_id),
+        audio_key=jobfiles.audio_key(job_id),
         audio_bytes=1000,
         audio_seconds=JOB_SECONDS - 0.5,
         filename="bench.mp3",

@@ -8,6 +8,7 @@ from typing import Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from transcription.db.models import CreditCode, Job, Transcript
+from transcription.states import JobStatus
 from transcription.transcript import FORMATS
 
 T = TypeVar("T")
@@ -65,6 +66,8 @@ class TranscriptionOut(BaseModel):
     def build(
         cls, job: Job, transcript: Transcript | None = None, *, with_text: bool = False
     ) -> TranscriptionOut:
+        if job.status != JobStatus.SUCCEEDED:
+            transcript = None  # no text or link exists for a job that has not succeeded
         info = None
         if transcript is not None:
             info = TranscriptInfo(

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import Field
 
 from transcriber.engines import Engine, build_engine
-from transcriber.pipeline import AudioMissing, Pipeline
+from transcriber.pipeline import AudioMissing, JobCancelled, Pipeline
 from transcription.blobstore import open_blob_store
 from transcription.errors import EngineUnavailable
 from transcription.jobfiles import JobFiles, RunRequest
@@ -70,6 +70,8 @@ def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = 
             )
 
             def progress(fraction: float, seconds_done: float) -> bool:
+                if not files.has_audio(request.job_id, request.audio_key):
+                    return False  # the job finished meanwhile: stop, and leave nothing behind
                 files.write_progress(request.job_id, fraction, seconds_done)
                 return True
 
@@ -81,8 +83,8 @@ def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = 
                 code = USER_ERROR_EXIT
             else:
                 outcome["durationSeconds"] = round(result.duration_seconds, 3)
-    except AudioMissing:
-        # The job was finished and tidied while this pod waited: nothing is left to do.
+    except (AudioMissing, JobCancelled):
+        # The job was finished and tidied before or while this pod ran: nothing is left to do.
         outcome["outcome"] = "skipped"
     except EngineUnavailable as exc:
         # Not the audio's fault: let the Job's backoffLimit retry; checkpoints make it resume.

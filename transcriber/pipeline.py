@@ -37,7 +37,8 @@ class JobCancelled(Exception):
 
 
 class AudioMissing(Exception):
-    """The job's audio is gone: the job finished and was tidied before this run began."""
+    """The job's audio is gone: the job finished and was tidied before this run began, or
+    before it stored its transcripts."""
 
 
 class ProgressReporter:
@@ -84,6 +85,10 @@ class Pipeline:
                 error=RunError(code=exc.code, message=exc.message),
                 engine=self.engine.name,
             )
+        if not self.blobs.exists(request.audio_key):
+            # The job finished while this run worked (another run of it won, or it was
+            # cancelled): its transcripts, if any, are the winner's and must not be overwritten.
+            raise AudioMissing(request.audio_key)
         return RunResult(
             job_id=request.job_id,
             outcome="transcribed",

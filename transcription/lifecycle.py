@@ -98,17 +98,17 @@ def _transition(
     to: JobStatus,
     *,
     allowed: frozenset[JobStatus] | None = None,
-    lease_owner: str | None = None,
+    held_by: str | None = None,
     **values: Any,
 ) -> Job | None:
-    """Move the job to ``to`` if its status allows it (and, with ``lease_owner``, only while
-    that worker holds it); None when it does not (a no-op)."""
+    """Move the job to ``to`` if its status allows it (and, with ``held_by``, only while that
+    worker holds its lease); None when it does not (a no-op). ``values`` are columns to set."""
     sources = allowed if allowed is not None else TRANSITIONS[to]
     if to in FINISHED:
         values.update(completed_at=utcnow(), lease_owner=None, lease_expires_at=None)
     condition = [Job.id == job_id, Job.status.in_(sorted(sources))]
-    if lease_owner is not None:
-        condition.append(Job.lease_owner == lease_owner)
+    if held_by is not None:
+        condition.append(Job.lease_owner == held_by)
     result = session.execute(
         update(Job)
         .where(*condition)
@@ -129,7 +129,7 @@ def _fail(
         session,
         job_id,
         JobStatus.FAILED,
-        lease_owner=lease_owner,
+        held_by=lease_owner,
         error_code=code,
         error_message=message[:2000],
     )
@@ -248,7 +248,7 @@ class Lifecycle:
             raise ValueError(f"a {result.outcome} run cannot finish job {job_id}")
         with self.db.transaction() as session:
             job = _transition(
-                session, job_id, JobStatus.SUCCEEDED, lease_owner=lease_owner, progress=1.0
+                session, job_id, JobStatus.SUCCEEDED, held_by=lease_owner, progress=1.0
             )
             if job is None:
                 return None
@@ -297,7 +297,7 @@ class Lifecycle:
         A queued job is refunded in full and its use given back. A running job is charged the
         audio already transcribed (at least progress times audio seconds, rounded up), the rest is
         released, and the use stays spent."""
-        reported = self.files.read_progress(job_id)
+        reported = None
         with self.db.transaction() as session:
             job = _transition(
                 session, job_id, JobStatus.CANCELLED, allowed=frozenset({JobStatus.QUEUED})

@@ -20,17 +20,28 @@ def serve(
     data_dir: DataDir = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
-    """Run the HTTP API and the local Whisper workers (SQLite, local files, bundled tiny.en)."""
+    """Run the HTTP API and the local Whisper workers (SQLite, local files, bundled tiny.en).
+
+    One server per data directory: a second ``serve`` on a directory in use refuses to start
+    and names the process that holds it."""
     import logging
 
     import uvicorn
 
     from gateway.app import create_app
+    from transcription.datadir import DataDirInUse, DataDirLock
     from transcription.settings import GatewaySettings
 
     settings = build_settings(
         GatewaySettings, data_dir, host=host, port=port, concurrency=concurrency
     )
+    try:
+        # Held until the process ends, however it ends; no other process can then hold leases
+        # on this data directory's jobs, so the runner resumes a crashed run's jobs at once.
+        lock = DataDirLock(settings.data_dir).acquire()
+    except DataDirInUse as exc:
+        typer.echo(f"whisper: {exc}", err=True)
+        raise typer.Exit(1) from None
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -38,10 +49,13 @@ def serve(
         f"whisper: data in {settings.data_dir.absolute()}, "
         f"API on http://{settings.host}:{settings.port} (docs at /docs)"
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level,
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            create_app(settings, exclusive=True),
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            timeout_graceful_shutdown=10,
+        )
+    finally:
+        lock.release()

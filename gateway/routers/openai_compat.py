@@ -4,8 +4,10 @@ written for the OpenAI SDK works with a credit code as its API key.
 A request runs the normal job (same intake, credit and idempotency rules) and waits for it. Past
 ``sync_wait_seconds`` it answers ``409 transcription_pending`` with the job's ID (in ``param``
 and ``job_id``) to poll at ``/v1/transcriptions/{id}``; the job goes on. A caller that hangs up
-before the answer cancels its job, which refunds it: the OpenAI SDK sends no idempotency key of
-its own, so its retry after a timeout is a new upload, and must not pay twice.
+before the answer cancels its job under the credit rules of every cancel: a job still queued is
+refunded in full and its use given back; a running one is charged the audio already transcribed
+and its use stays spent, so hanging up never buys transcription for free. (The OpenAI SDK sends
+no idempotency key of its own: its retry after a timeout is a new upload.)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from transcription.errors import (
     TranscriptionFailed,
     TranscriptionPending,
 )
-from transcription.states import JobStatus
+from transcription.states import CreditState, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(openai_dialect)])
 
@@ -182,7 +184,7 @@ def _outcome_error(job: Job) -> DomainError:
     """The error that reports an unsuccessful job, keeping its code and naming it."""
     if job.status == JobStatus.CANCELLED.value:
         return Conflict(
-            f"The transcription {job.id} was cancelled; its credit was refunded.",
+            f"The transcription {job.id} was cancelled; {cancel_charge(job)}",
             param=job.id,
             code="transcription_cancelled",
         )
@@ -193,6 +195,16 @@ def _outcome_error(job: Job) -> DomainError:
     if error_code == "internal_error":
         return DomainError(message, param=job.id, code=error_code)
     return TranscriptionFailed(message, param=job.id, code=error_code)
+
+
+def cancel_charge(job: Job) -> str:
+    """What a cancel cost, in the words of the credit rules."""
+    if job.credit_state == CreditState.RELEASED:
+        return "it had not started, so its credit was refunded and the use given back."
+    return (
+        f"it was charged {job.charged_seconds or 0} s for the audio already transcribed, the "
+        "rest of its credit was released and the use stays spent."
+    )
 
 
 def _render(services: Services, job: Job, transcript: Transcript, form: Form) -> Response:

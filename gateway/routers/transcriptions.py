@@ -157,7 +157,11 @@ def _safe(name: str) -> str:
 
 @router.delete("/{job_id}", response_model=TranscriptionOut, responses=ERRORS)
 def delete_transcription(services: ServicesDep, code: CodeDep, job_id: str) -> TranscriptionOut:
-    """Cancel an unfinished job (its credit is refunded) or delete a finished one's files."""
+    """Cancel an unfinished job or delete a finished one's transcripts.
+
+    A queued job is refunded in full and its use given back; a running one is charged the audio
+    already transcribed (at least progress times audio seconds, rounded up), the rest is released and
+    the use stays spent. Deleting a finished job moves no money."""
     with services.db.transaction() as session:
         job, _ = find_job(session, code, job_id)
     if not JobStatus(job.status).finished:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 from datetime import UTC, datetime
@@ -152,8 +153,13 @@ def cancel(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, *
     ctx = _ctx(memo)
     assert namespace is not None  # TranscriptionJobs are namespaced
     job_id = job_id_of(name)
-    if job_id is not None and ctx.lifecycle.cancel(job_id) is not None:
-        log.info("cancelled %s: its TranscriptionJob was deleted", job_id)
+    if job_id is not None:
+        if ctx.lifecycle.cancel(job_id) is not None:
+            log.info("cancelled %s: its TranscriptionJob was deleted", job_id)
+        else:
+            # Already finished, perhaps by this handler before a crash cut its tidying short.
+            with contextlib.suppress(NotFound):
+                ctx.lifecycle.discard_leftovers(job_id)
     try:
         ctx.batch.delete_namespaced_job(
             builders.job_name(name), namespace, propagation_policy="Background"

@@ -123,7 +123,7 @@ def reconcile_pass(ctx: Context, backoff: Backoff) -> World:
         phase = (tj.get("status") or {}).get("phase")
         if job_id not in world.db_jobs and phase and not Phase(phase).finished:
             # Finished in the database (cancelled, or settled before a crash cut the status).
-            _guarded(backoff, job_id, publish, ctx, tj, world.job_of(tj))
+            _guarded(backoff, job_id, conclude, ctx, tj, world.job_of(tj))
     admit, repair = select(list(world.tjs.values()), list(world.jobs.values()), ctx.settings)
     for tj in repair + admit:
         _guarded(backoff, tj["metadata"]["name"], admit_one, ctx, tj)
@@ -266,6 +266,18 @@ def copy_progress(ctx: Context, db_job: Job) -> bool:
     if progress is not None and progress.fraction > db_job.progress:
         return ctx.lifecycle.progress(db_job.id, progress.fraction)
     return False
+
+
+def conclude(ctx: Context, tj: dict[str, Any], job: dict[str, Any] | None) -> None:
+    """A job finished in the database whose status does not say so yet: the pass that finished
+    it may have died between its commit and the tidying, so tidy (again), then publish."""
+    job_id = job_id_of(tj["metadata"]["name"])
+    assert job_id is not None
+    db_job = ctx.lifecycle.get(job_id)
+    ctx.files.tidy(
+        job_id, audio_key=db_job.audio_key, transcripts=db_job.status != JobStatus.SUCCEEDED
+    )
+    publish(ctx, tj, job)
 
 
 def publish(

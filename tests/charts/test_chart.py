@@ -16,10 +16,13 @@ from pydantic_settings import BaseSettings
 
 from tests.charts.conftest import CHART, NAMESPACE, REQUIRED, ROOT, Helm, Render
 from transcription import resources
+from transcription.jobfiles import RunRequest
 from transcription.settings import GatewaySettings, OperatorSettings
 from transcription_operator import builders
 
 K8S_VERSION = "1.35.0"
+GSA = "whisper@my-project.iam.gserviceaccount.com"
+TRANSCRIBER_GSA = "whisper-transcriber@my-project.iam.gserviceaccount.com"
 GKE_VALUES = CHART / "ci" / "gke-values.yaml"
 GUIDE = ROOT / "docs" / "deploy-gke.md"
 SHAPES = {"default": REQUIRED, "gke": ("-f", str(GKE_VALUES))}
@@ -164,6 +167,13 @@ def test_crds_can_be_left_out_or_left_to_uninstall(render: Render) -> None:
         ("config.engin=local", "'engin'"),
         ("transcriber.resources.request.cpu=2", "'request'"),
         ("config.engine=whisper.cpp", "/config/engine"),
+        # Renamed or removed values fail instead of being ignored.
+        ("operator.admissionInterval=5", "'admissionInterval'"),
+        ("openai.baseUrl=http://whisper:8000/v1", "'openai'"),
+        ("operator.reconcileInterval=0", "/operator/reconcileInterval"),
+        ("operator.reconcileInterval=fast", "/operator/reconcileInterval"),
+        ("operator.maxAttempts=0", "/operator/maxAttempts"),
+        ("transcriber.envSecret=Engine_Keys", "/transcriber/envSecret"),
     ],
 )
 def test_a_values_typo_fails_naming_it(helm: Helm, flag: str, named_in_error: str) -> None:
@@ -181,6 +191,11 @@ def test_a_values_typo_fails_naming_it(helm: Helm, flag: str, named_in_error: st
         ((*REQUIRED, "--set", "gateway.httpRoute.enabled=true"),
          "gateway.httpRoute.parentRefs needs at least one Gateway"),
         ((*REQUIRED, "--set", "database.existingSecret="), "/database/existingSecret"),
+        # The database's (or the code key's) Secret as the transcriber's environment.
+        ((*REQUIRED, "--set", "transcriber.envSecret=whisper"),
+         "transcriber.envSecret \"whisper\" is the Secret of the database"),
+        ((*REQUIRED, "--set", "codeSecret.existingSecret=keys",
+          "--set", "transcriber.envSecret=keys"), "engine credentials only"),
     ],
 )  # fmt: skip
 def test_a_missing_required_value_fails_saying_what_to_set(
@@ -235,11 +250,12 @@ def test_rbac_is_the_least_privilege_of_deploy_rbac(render: Render) -> None:
     operator = named(objects, "Deployment", "whisper-operator")["spec"]["template"]["spec"]
     env = env_of(operator["containers"][0])
     assert env["WHISPER_TRANSCRIBER_SERVICE_ACCOUNT"] == "whisper-transcriber"
-    for name in ("whisper-gateway", "whisper-operator", "whisper-transcriber", "whisper-migrate"):
+    # The transcriber's Google service account is its own: the bucket only, no Cloud SQL.
+    expected = {"whisper-gateway": GSA, "whisper-operator": GSA, "whisper-migrate": GSA,
+                "whisper-transcriber": TRANSCRIBER_GSA}  # fmt: skip
+    for name, gsa in expected.items():
         annotations = accounts[name]["metadata"]["annotations"]
-        assert annotations["iam.gke.io/gcp-service-account"] == (
-            "whisper@my-project.iam.gserviceaccount.com"
-        ), name
+        assert annotations["iam.gke.io/gcp-service-account"] == gsa, name
 
 
 @pytest.mark.parametrize("shape", [*SHAPES, "everything"])
@@ -287,6 +303,100 @@ def test_the_gke_shape_wires_database_bucket_secrets_and_the_proxy(render: Rende
     )
     assert operator["WHISPER_MAX_RUNNING_JOBS"] == "8"
     assert operator["WHISPER_TRANSCRIBER_ENV_SECRET"] == "whisper-transcriber"
+    assert operator["DATABASE_URL"] == {"secretKeyRef": {"name": "whisper", "key": "DATABASE_URL"}}
+
+
+def transcriber_job_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Job the rendered operator would create: its settings read from the Deployment's env
+    exactly as the operator reads them, fed to the operator's own builder."""
+    env = env_of(container(objects, "Deployment", "whisper-operator"))
+    plain = {k.removeprefix("WHISPER_").lower(): v for k, v in env.items() if isinstance(v, str)}
+    settings = OperatorSettings.model_validate(
+        {k: v for k, v in plain.items() if k in OperatorSettings.model_fields}
+    )
+    tj = {"apiVersion": resources.API_VERSION, "kind": "TranscriptionJob",
+          "metadata": {"name": "tr-0123456789abcdef", "namespace": NAMESPACE, "uid": "u"}}  # fmt: skip
+    spec = resources.TranscriptionJobSpec(job_id="tr_0123456789abcdef", engine="openai")
+    request = RunRequest(job_id="tr_0123456789abcdef", audio_key="jobs/tr_0123456789abcdef/work/audio.mp3",
+                         audio_seconds=312.4)  # fmt: skip
+    return builders.transcriber_job(tj, request, spec, settings)
+
+
+def secrets_named(obj: Any) -> set[str]:
+    """Every Secret a manifest refers to, wherever it does (envFrom, secretKeyRef, volumes)."""
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("secretRef", "secretKeyRef") and isinstance(value, dict):
+                found.add(value["name"])
+            elif key == "secret" and isinstance(value, dict):
+                found.add(value["secretName"])
+            found |= secrets_named(value)
+    elif isinstance(obj, list):
+        for each in obj:
+            found |= secrets_named(each)
+    return found
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, "everything"])
+def test_the_transcriber_pods_get_no_database(render: Render, shape: str) -> None:
+    flags = SHAPES.get(shape, EVERYTHING)
+    objects = render(*flags)
+    operator = env_of(container(objects, "Deployment", "whisper-operator"))
+    job = transcriber_job_of(objects)
+    (pod,) = job["spec"]["template"]["spec"]["containers"]
+    env = env_of(pod)
+    assert not {"DATABASE_URL", "WHISPER_DATABASE_URL", "WHISPER_CODE_SECRET"} & env.keys()
+    assert not any("DATABASE" in name or "postgres" in str(v) for name, v in env.items())
+    # The bucket and the job come from the operator itself, not from a Secret.
+    assert env["WHISPER_BLOB_URL"] == operator["WHISPER_BLOB_URL"]
+    assert RunRequest.from_env({k: v for k, v in env.items() if isinstance(v, str)}).job_id == (
+        "tr_0123456789abcdef"
+    )
+    # The only Secret a transcriber pod may see is the engine's, and only when one is set.
+    if shape == "gke":
+        assert operator["WHISPER_TRANSCRIBER_ENV_SECRET"] == "whisper-transcriber"
+        assert secrets_named(job) == {"whisper-transcriber"}
+        assert pod["envFrom"] == [{"secretRef": {"name": "whisper-transcriber"}}]
+    else:
+        assert "WHISPER_TRANSCRIBER_ENV_SECRET" not in operator
+        assert secrets_named(job) == set() and "envFrom" not in pod
+    # Whatever Secrets the gateway and the operator read (the database's among them), the
+    # transcriber gets none of them.
+    deployments = [named(objects, "Deployment", f"whisper-{c}") for c in ("gateway", "operator")]
+    assert not secrets_named(job) & secrets_named(deployments)
+    # Nor can the pod fetch one: its account has no token and no Kubernetes rights.
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "whisper-transcriber"
+    assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    assert granted(objects, "whisper-transcriber") == set()
+
+
+def test_an_engine_secret_reaches_the_transcriber_and_nothing_else(render: Render) -> None:
+    objects = render(*REQUIRED, "--set", "transcriber.envSecret=whisper-openai")
+    operator = env_of(container(objects, "Deployment", "whisper-operator"))
+    assert operator["WHISPER_TRANSCRIBER_ENV_SECRET"] == "whisper-openai"
+    job = transcriber_job_of(objects)
+    assert secrets_named(job) == {"whisper-openai"}
+    for name in ("whisper-gateway", "whisper-operator"):
+        assert "whisper-openai" not in secrets_named(named(objects, "Deployment", name)), name
+    for empty in ("transcriber.envSecret=", "transcriber.envSecret=null"):
+        objects = render(*REQUIRED, "--set", empty)
+        assert "WHISPER_TRANSCRIBER_ENV_SECRET" not in env_of(
+            container(objects, "Deployment", "whisper-operator")
+        ), empty
+        assert secrets_named(transcriber_job_of(objects)) == set(), empty
+
+
+def test_the_operator_reconciles_and_retries_as_the_values_say(render: Render) -> None:
+    defaults = env_of(container(render(*REQUIRED), "Deployment", "whisper-operator"))
+    settings = OperatorSettings.model_validate({})
+    assert defaults["WHISPER_RECONCILE_INTERVAL"] == f"{settings.reconcile_interval:g}"
+    assert defaults["WHISPER_MAX_ATTEMPTS"] == str(settings.max_attempts)
+    assert "WHISPER_ADMISSION_INTERVAL" not in defaults
+    objects = render(*REQUIRED, "--set", "operator.reconcileInterval=30",
+                     "--set", "operator.maxAttempts=5")  # fmt: skip
+    env = env_of(container(objects, "Deployment", "whisper-operator"))
+    assert (env["WHISPER_RECONCILE_INTERVAL"], env["WHISPER_MAX_ATTEMPTS"]) == ("30", "5")
 
 
 def setting_names(cls: type[BaseSettings]) -> set[str]:
@@ -370,11 +480,7 @@ def test_network_policies_admit_only_the_gateway_port(render: Render) -> None:
         assert policies[closed]["policyTypes"] == ["Ingress"]
         assert "ingress" not in policies[closed]
     # The transcriber policy must select the pods the operator's Jobs make.
-    spec = resources.TranscriptionJobSpec(audio_key="a", audio_seconds=1.0, code_id="cc_1")
-    tj = {"apiVersion": "v1", "kind": "TranscriptionJob",
-          "metadata": {"name": "tr-1", "namespace": NAMESPACE, "uid": "u"}}  # fmt: skip
-    settings = OperatorSettings(_env_file=None)
-    job = builders.transcriber_job(tj, "tr_1", spec, settings)
+    job = transcriber_job_of(objects)
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
     selector = policies["whisper-transcriber"]["podSelector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
@@ -416,7 +522,8 @@ def expand(text: str, names: dict[str, str]) -> str:
 
 def test_every_helm_install_of_the_guide_renders(helm: Helm) -> None:
     names = guide_variables()
-    assert {"PROJECT", "REGION", "REPO", "BUCKET", "GSA", "HOST"} <= names.keys()
+    assert {"PROJECT", "REGION", "REPO", "BUCKET", "GSA", "TRANSCRIBER_GSA", "HOST"} <= names.keys()
+    assert names["GSA"] != names["TRANSCRIBER_GSA"]
     commands = [
         shlex.split(expand(line, names))
         for block in guide_blocks("bash")
@@ -428,9 +535,14 @@ def test_every_helm_install_of_the_guide_renders(helm: Helm) -> None:
         flags = [a for a in command[2:] if a not in ("--install", "--wait", "--atomic")]
         assert str(GKE_VALUES.relative_to(ROOT)) in flags, command
         objects = [d for d in yaml.safe_load_all(helm("template", *flags).stdout) if d]
-        accounts = by_kind(objects, "ServiceAccount")
-        assert {a["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
-                for a in accounts} == {names["GSA"]}  # fmt: skip
+        accounts = {a["metadata"]["name"]: a["metadata"]["annotations"]
+                    for a in by_kind(objects, "ServiceAccount")}  # fmt: skip
+        for name, annotated in accounts.items():
+            gsa = names["TRANSCRIBER_GSA" if name == "whisper-transcriber" else "GSA"]
+            assert annotated["iam.gke.io/gcp-service-account"] == gsa, name
+        assert transcriber_job_of(objects)["spec"]["template"]["spec"]["serviceAccountName"] in (
+            accounts
+        )
         (proxy,) = pod_specs(objects)["Deployment/whisper-gateway"]["initContainers"]
         assert proxy["args"][-1] == f"{names['PROJECT']}:{names['REGION']}:whisper"
         (route,) = by_kind(objects, "HTTPRoute")

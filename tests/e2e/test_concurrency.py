@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fixtures.gateway import audit
 from tests.fixtures.server import Server
 
 SUBMISSIONS = 50
@@ -55,8 +56,11 @@ def test_single_use_code_pays_for_exactly_one_of_50_concurrent_uploads(
     assert balance["reserved_seconds"] + balance["spent_seconds"] == job["reserved_seconds"]
     assert [j["id"] for j in listed] == [job["id"]]
     assert not any((server.data_dir / "uploads").iterdir())
-    stored = {p.parent.name for p in (server.data_dir / "blobs").rglob("audio.mp3")}
-    assert stored <= {job["id"]}
+    blobs = server.data_dir / "blobs"
+    stored = {p.relative_to(blobs).parts[:2] for p in blobs.rglob("*") if p.is_file()}
+    assert stored <= {("jobs", job["id"])}, stored
+    with server.database() as db:
+        audit(db, settled=False)
     log = server.log()
     assert "Traceback" not in log
     assert code.removeprefix("wt_") not in log

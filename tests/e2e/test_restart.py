@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.fixtures.gateway import audit
 from tests.fixtures.server import WHISPERCTL, Server, clean_env
 from tests.wer import wer
 
@@ -39,8 +40,11 @@ def test_killed_server_finishes_running_and_queued_jobs_after_restart(
     start_server: Callable[..., Server], mp3_5s: Path, tmp_path: Path
 ) -> None:
     """SIGKILL with one job running and one queued: after the restart both succeed and are
-    charged exactly once, and a ``submit --wait`` that was following the first still saves it."""
-    server = start_server(env={"WHISPER_CONCURRENCY": "1"})
+    charged exactly once, and a ``submit --wait`` that was following the first still saves it.
+
+    The running job's lease would last an hour: the restarted server, alone on its data
+    directory, takes the job back at once instead of waiting for it."""
+    server = start_server(env={"WHISPER_CONCURRENCY": "1", "WHISPER_LEASE_SECONDS": "3600"})
     codes = {"running": server.create_code(), "queued": server.create_code()}
     saved = tmp_path / "speech.txt"
     waiting = subprocess.Popen(
@@ -84,3 +88,7 @@ def test_killed_server_finishes_running_and_queued_jobs_after_restart(
             balance = client.get("/v1/credits", headers={"Authorization": f"Bearer {code}"}).json()
             assert balance["spent_seconds"] == charge
             assert (balance["reserved_seconds"], balance["uses"]) == (0, 1)
+    with server.database() as db:
+        jobs = audit(db)
+    attempts = {kind: jobs[before[kind]["id"]].attempts for kind in codes}
+    assert attempts == {"running": 2, "queued": 1}

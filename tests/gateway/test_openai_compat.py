@@ -3,6 +3,7 @@ a real gateway (uvicorn) whose OpenAI engine talks to faster-whisper-server."""
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -19,11 +20,12 @@ from openai.types.audio import Transcription, TranscriptionVerbose
 
 from gateway.app import create_app
 from gateway.services import Services
-from tests.fixtures.gateway import ADMIN, ADMIN_TOKEN, auth, eventually
+from tests.fixtures.gateway import ADMIN, ADMIN_TOKEN, BlockingEngine, audit, auth, eventually
 from tests.fixtures.openai_server import StartProxy, WhisperServer
 from tests.fixtures.server import free_port
 from tests.speech import SPEECH, script
 from tests.wer import wer
+from transcriber.engines.base import Engine
 from transcriber.engines.openai import OpenAIEngine
 from transcription.settings import GatewaySettings
 
@@ -88,11 +90,17 @@ StartGateway = Callable[..., Gateway]
 @pytest.fixture
 def start_gateway(tmp_path: Path) -> Iterator[StartGateway]:
     """Factory: ``start_gateway(base_url, **settings)`` serves a gateway whose OpenAI engine
-    (model ``tiny.en``) sends to ``base_url``."""
+    (model ``tiny.en``) sends to ``base_url``; ``engine=`` serves another engine instead."""
     with ExitStack() as stack:
 
-        def start(base_url: str, *, timeout: float = 60.0, **settings: Any) -> Gateway:
-            engine = OpenAIEngine(
+        def start(
+            base_url: str = NOWHERE,
+            *,
+            timeout: float = 60.0,
+            engine: Engine | None = None,
+            **settings: Any,
+        ) -> Gateway:
+            engine = engine or OpenAIEngine(
                 "tiny.en", api_key="test-key", base_url=base_url, max_retries=2, timeout=timeout
             )
             config = GatewaySettings(
@@ -249,9 +257,11 @@ def test_a_job_past_the_wait_answers_with_its_id_and_goes_on(
     assert gateway.get(code, "/v1/credits")["spent_seconds"] == SPEECH_SECONDS
 
 
-def test_a_caller_that_hangs_up_cancels_its_job_and_pays_nothing(
+def test_a_caller_that_hangs_up_on_a_stalled_job_cancels_it_and_its_use_stays_spent(
     start_gateway: StartGateway, fault_proxy: StartProxy
 ) -> None:
+    """The engine never answers, so nothing is transcribed: the cancel charges nothing, but the
+    job was running, so the single use stays spent and the code cannot start another."""
     proxy = fault_proxy(NOWHERE, fault_rate=1.0, faults=("stall",), stall_seconds=30)
     gateway = start_gateway(proxy.base_url, timeout=5.0)
     code = gateway.issue()
@@ -259,14 +269,78 @@ def test_a_caller_that_hangs_up_cancels_its_job_and_pays_nothing(
     with SPEECH.open("rb") as file, pytest.raises(openai.APITimeoutError):
         impatient.audio.transcriptions.create(file=file, model="whisper-1")
 
-    def refunded() -> dict[str, Any] | None:
-        balance: dict[str, Any] = gateway.get(code, "/v1/credits")
-        return balance if balance["reserved_seconds"] == 0 else None
+    def cancelled() -> dict[str, Any] | None:
+        (job,) = gateway.get(code, "/v1/transcriptions")["data"]
+        return job if job["status"] == "cancelled" else None
 
-    balance = eventually(refunded, timeout=30, what="the refund")
-    assert (balance["spent_seconds"], balance["uses"]) == (0, 0)
-    (job,) = gateway.get(code, "/v1/transcriptions")["data"]
-    assert job["status"] == "cancelled"
+    job = eventually(cancelled, timeout=30, what="the cancel")
+    assert job["started_at"] is not None and job["progress"] == 0
+    assert (job["charged_seconds"], job["text"], job["transcript"]) == (0, None, None)
+    balance = gateway.get(code, "/v1/credits")
+    assert (balance["spent_seconds"], balance["reserved_seconds"], balance["uses"]) == (0, 0, 1)
+    with SPEECH.open("rb") as file, pytest.raises(openai.RateLimitError) as used:
+        gateway.sdk(code).audio.transcriptions.create(file=file, model="whisper-1")
+    assert used.value.code == "code_used"
+    audit(gateway.services.db)
+
+
+def test_hanging_up_is_a_cancel_under_the_credit_rules(start_gateway: StartGateway) -> None:
+    """Hanging up on a running job charges what was transcribed and keeps the use spent, so an
+    impatient client gets no free transcription; hanging up while queued refunds in full."""
+    engine = BlockingEngine()  # holds every job at half its audio until released
+    gateway = start_gateway(engine=engine)
+    running_code, blocker_code, queued_code = (gateway.issue() for _ in range(3))
+
+    with SPEECH.open("rb") as file, pytest.raises(openai.APITimeoutError):
+        gateway.sdk(running_code, timeout=2.0, max_retries=0).audio.transcriptions.create(
+            file=file, model="whisper-1"
+        )
+
+    def finished(code: str) -> dict[str, Any] | None:
+        (job,) = gateway.get(code, "/v1/transcriptions")["data"]
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    running = eventually(lambda: finished(running_code), what="the hang-up cancelling the job")
+    assert (running["status"], running["progress"]) == ("cancelled", 0.5)
+    assert running["charged_seconds"] == math.ceil(0.5 * running["audio_seconds"]) == 20
+    assert (running["text"], running["transcript"]) == (None, None)
+    balance = gateway.get(running_code, "/v1/credits")
+    assert (balance["spent_seconds"], balance["reserved_seconds"], balance["uses"]) == (20, 0, 1)
+    with SPEECH.open("rb") as file, pytest.raises(openai.RateLimitError) as used:
+        gateway.sdk(running_code).audio.transcriptions.create(file=file, model="whisper-1")
+    assert used.value.code == "code_used"
+
+    # Another job holds the only worker, so the next caller's job is still queued when it
+    # hangs up: that cancel refunds everything and gives the use back.
+    blocker = httpx.post(
+        gateway.url + "/v1/transcriptions",
+        headers=auth(blocker_code),
+        files={"file": ("speech.mp3", SPEECH.read_bytes(), "audio/mpeg")},
+    )
+    assert blocker.status_code == 202, blocker.text
+    eventually(
+        lambda: (
+            gateway.get(blocker_code, f"/v1/transcriptions/{blocker.json()['id']}")["progress"] > 0
+        ),
+        what="the blocking job running",
+    )
+    with SPEECH.open("rb") as file, pytest.raises(openai.APITimeoutError):
+        gateway.sdk(queued_code, timeout=1.0, max_retries=0).audio.transcriptions.create(
+            file=file, model="whisper-1"
+        )
+    queued = eventually(lambda: finished(queued_code), what="the hang-up cancelling the job")
+    assert (queued["status"], queued["started_at"], queued["charged_seconds"]) == (
+        "cancelled",
+        None,
+        0,
+    )
+    balance = gateway.get(queued_code, "/v1/credits")
+    assert (balance["spent_seconds"], balance["reserved_seconds"], balance["uses"]) == (0, 0, 0)
+
+    engine.release()
+    assert eventually(lambda: finished(blocker_code), what="the blocker")["status"] == "succeeded"
+    assert len(engine.calls) == 2  # the queued job never reached the engine
+    audit(gateway.services.db)
 
 
 def test_a_job_the_engine_cannot_do_is_a_502_that_names_it_and_refunds(

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
-from transcription import ledger
+from transcription import jobfiles, ledger
 from transcription.db.models import CreditCode, Job, LedgerEntry, utcnow
 from transcription.db.session import Database
 from transcription.errors import (
@@ -25,7 +25,7 @@ from transcription.errors import (
     Unauthenticated,
     UsesExhausted,
 )
-from transcription.lifecycle import NewJob, submit
+from transcription.lifecycle import NewJob, new_job_id, submit
 from transcription.states import CreditState
 
 KEY = b"test-code-key-0123456789abcdef"
@@ -33,9 +33,11 @@ KEY = b"test-code-key-0123456789abcdef"
 
 def new_job(code_id: str, audio_seconds: float) -> NewJob:
     """A validated upload of ``audio_seconds`` paid by the code, as the gateway submits it."""
+    job_id = new_job_id()
     return NewJob(
+        job_id=job_id,
         code_id=code_id,
-        audio_key="jobs/test/audio.mp3",
+        audio_key=jobfiles.audio_key(job_id),
         audio_bytes=4096,
         audio_seconds=audio_seconds,
         filename="talk.mp3",

@@ -1,14 +1,21 @@
-"""Random sequences of ledger operations on PostgreSQL, checked against a pure-Python model."""
+"""Random sequences of ledger and lifecycle operations on PostgreSQL, checked against a
+pure-Python model: submit, start (with or without a lease), progress (in the database and in
+the blob store's record), finish, fail, cancel, expire leases, renew, delete, and the ledger's
+own settle and release. After every step: no over-spend, each reservation resolved at most once,
+the ledger summing to the counters, and text only for jobs that succeeded."""
 
 from __future__ import annotations
 
+import math
 import random
 import re
+import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -25,8 +32,10 @@ from sqlalchemy import Row, select
 
 from tests.transcription.test_ledger import KEY, counters, issue, new_job, submit_job
 from tests.transcription.test_ledger_concurrency import run_together
+from tests.transcription.test_lifecycle import run_result
 from transcription import ledger
-from transcription.db.models import Base, CreditCode, Job, LedgerEntry, utcnow
+from transcription.blobstore import LocalBlobStore
+from transcription.db.models import Base, CreditCode, Job, LedgerEntry, Transcript, utcnow
 from transcription.db.session import Database
 from transcription.errors import (
     CodeExpired,
@@ -36,12 +45,23 @@ from transcription.errors import (
     InvalidRequest,
     UsesExhausted,
 )
-from transcription.lifecycle import Lifecycle, submit
+from transcription.jobfiles import JobFiles
+from transcription.lifecycle import WORKER_LOST, Lifecycle, submit
 from transcription.states import CreditState, JobStatus
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 #: Few codes per example, so operations meet on the same code and invariants stay cheap.
 MAX_CODES = 4
+#: Workers that may hold a job's lease; None starts or finishes a job without one (the operator).
+OWNERS = st.sampled_from([None, "worker-a", "worker-b"])
+LEASE_SECONDS = 600.0
+MAX_ATTEMPTS = 2
+
+
+def charge(seconds: float, audio_seconds: float, reserved: int) -> int:
+    """Whole seconds charged for ``seconds`` of audio done: rounded up, at most the audio and
+    the reservation."""
+    return max(0, min(math.ceil(min(seconds, audio_seconds) - 1e-6), reserved))
 
 
 @dataclass
@@ -71,13 +91,25 @@ class CodeModel:
 
 @dataclass
 class JobModel:
-    """What a job's status and reservation must be."""
+    """What a job's status, reservation, progress and lease must be."""
 
     code_id: str
+    audio_seconds: float
     reserved: int
     status: JobStatus = JobStatus.QUEUED
     credit: CreditState = CreditState.HELD
     charged: int | None = None
+    progress: float = 0.0
+    #: (fraction, seconds done) of the progress record in the blob store, if one exists.
+    record: tuple[float, float] | None = None
+    lease_owner: str | None = None
+    attempts: int = 0
+    transcript: bool = False
+    error_code: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status not in UNFINISHED
 
 
 def has_jobs(machine: LedgerMachine) -> bool:
@@ -88,14 +120,23 @@ def has_resolved_jobs(machine: LedgerMachine) -> bool:
     return any(job.credit is not CreditState.HELD for job in machine.job_models.values())
 
 
+def has_unfinished_jobs(machine: LedgerMachine) -> bool:
+    return any(not job.finished for job in machine.job_models.values())
+
+
+def has_finished_jobs(machine: LedgerMachine) -> bool:
+    return any(job.finished for job in machine.job_models.values())
+
+
 @settings(
-    max_examples=20,
+    max_examples=30,
     stateful_step_count=30,
     deadline=None,
     database=None,
 )
 class LedgerMachine(RuleBasedStateMachine):
-    """Runs on ``db``, a migrated PostgreSQL schema that is emptied after each example.
+    """Runs on ``db``, a migrated PostgreSQL schema that is emptied after each example, and a
+    blob store in a directory of its own per example.
 
     Codes and jobs are drawn from the model in creation order, so an example replays exactly.
     """
@@ -104,7 +145,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lifecycle = Lifecycle(self.db)
+        self._blob_dir = tempfile.TemporaryDirectory(prefix="ledger-machine-")
+        self.blobs = LocalBlobStore(Path(self._blob_dir.name))
+        self.files = JobFiles(self.blobs)
+        self.lifecycle = Lifecycle(self.db, self.blobs)
         self.code_models: dict[str, CodeModel] = {}
         self.job_models: dict[str, JobModel] = {}
 
@@ -112,6 +156,7 @@ class LedgerMachine(RuleBasedStateMachine):
         with self.db.transaction() as session:
             for table in reversed(Base.metadata.sorted_tables):
                 session.execute(table.delete())
+        self._blob_dir.cleanup()
 
     def _pick_code(self, data: st.DataObject) -> tuple[str, CodeModel]:
         code_id = data.draw(st.sampled_from(list(self.code_models)), label="code")
@@ -136,18 +181,27 @@ class LedgerMachine(RuleBasedStateMachine):
         job.charged = charged
 
     def _finished(self, job: JobModel, to: JobStatus, result: Job | None) -> None:
-        if job.status not in UNFINISHED:
+        """The model of a failure (or a cancellation of a queued job): full refund."""
+        if job.finished:
             assert result is None
             return
         assert result is not None
-        job.status = to
+        self._end(job, to)
         if job.credit is CreditState.HELD:
             self._resolved(job, CreditState.RELEASED, 0)
         assert (result.status, result.credit_state) == (to, job.credit)
 
-    @initialize(seconds=st.integers(60, 1200), max_uses=st.integers(1, 6))
-    def first_code(self, seconds: int, max_uses: int) -> None:
+    def _end(self, job: JobModel, to: JobStatus) -> None:
+        """Any final transition: the lease goes, and so do the job's work files."""
+        job.status = to
+        job.lease_owner = None
+        job.record = None
+
+    @initialize(seconds=st.integers(60, 1200), max_uses=st.integers(1, 6), data=st.data())
+    def first_code(self, seconds: int, max_uses: int, data: st.DataObject) -> None:
+        """A code and a first job on it, so every rule has something to act on from the start."""
         self.issue_code(seconds, max_uses)
+        self.submit(data)
 
     @precondition(lambda self: len(self.code_models) < MAX_CODES)
     @rule(seconds=st.integers(1, 600), max_uses=st.integers(1, 6))
@@ -173,19 +227,182 @@ class LedgerMachine(RuleBasedStateMachine):
         assert expected is None, f"accepted, but the model expected {expected.__name__}"
         code.reserved += seconds
         code.uses += 1
-        self.job_models[job_id] = JobModel(code_id=code_id, reserved=seconds)
+        self.job_models[job_id] = JobModel(
+            code_id=code_id, audio_seconds=centiseconds / 100, reserved=seconds
+        )
 
     @precondition(has_jobs)
-    @rule(data=st.data())
-    def start(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), owner=OWNERS)
+    def start(self, data: st.DataObject, owner: str | None) -> None:
+        """A worker takes the job with a lease (counting an attempt), or the operator without."""
         job_id, job = self._pick_job(data)
-        result = self.lifecycle.start(job_id)
+        self._start(job_id, job, owner)
+
+    def _start(self, job_id: str, job: JobModel, owner: str | None) -> None:
+        if owner is None:
+            result = self.lifecycle.start(job_id)
+        else:
+            result = self.lifecycle.start(job_id, lease_owner=owner, lease_seconds=LEASE_SECONDS)
         if job.status is not JobStatus.QUEUED:
             assert result is None
             return
         assert result is not None
-        assert result.status == JobStatus.RUNNING
+        assert (result.status, result.lease_owner) == (JobStatus.RUNNING, owner)
         job.status = JobStatus.RUNNING
+        job.lease_owner = owner
+        job.attempts += owner is not None
+
+    @precondition(has_unfinished_jobs)
+    @rule(
+        data=st.data(),
+        owner=OWNERS,
+        where=st.sampled_from(["db", "record", "both"]),
+        then_cancel=st.booleans(),
+    )
+    def work(self, data: st.DataObject, owner: str | None, where: str, then_cancel: bool) -> None:
+        """A run gets some way into an unfinished job: started if it was queued, then progress
+        written to the database, to the record, or both (the record may be ahead); then the
+        user may cancel it."""
+        job_ids = [job_id for job_id, job in self.job_models.items() if not job.finished]
+        job_id = data.draw(st.sampled_from(job_ids), label="unfinished job")
+        job = self.job_models[job_id]
+        if job.status is JobStatus.QUEUED:
+            self._start(job_id, job, owner)
+        fraction = data.draw(st.floats(0, 1), label="fraction")
+        if where != "record":
+            assert self.lifecycle.progress(job_id, fraction) is True
+            job.progress = fraction
+        if where != "db":
+            ahead = data.draw(st.floats(fraction, 1), label="record fraction")
+            seconds_done = ahead * job.audio_seconds
+            self.files.write_progress(job_id, ahead, seconds_done)
+            job.record = (ahead, seconds_done)
+        if then_cancel:
+            self._cancel(job_id, job)
+
+    @precondition(has_jobs)
+    @rule(data=st.data(), fraction=st.floats(0, 1), where=st.sampled_from(["db", "record"]))
+    def progress(self, data: st.DataObject, fraction: float, where: str) -> None:
+        """The embedded worker reports progress to the database; a transcriber pod writes its
+        record to the blob store (which only a running job's cancellation reads)."""
+        job_id, job = self._pick_job(data)
+        if where == "db":
+            assert self.lifecycle.progress(job_id, fraction) is (job.status is JobStatus.RUNNING)
+            if job.status is JobStatus.RUNNING:
+                job.progress = fraction
+            return
+        if job.finished:
+            return  # a pod writing after the end is the files' tests' business
+        seconds_done = data.draw(st.floats(0, 1.2 * job.audio_seconds), label="seconds_done")
+        self.files.write_progress(job_id, fraction, seconds_done)
+        job.record = (fraction, seconds_done)
+
+    @precondition(has_jobs)
+    @rule(data=st.data(), owner=OWNERS, duration_share=st.floats(0, 1.5))
+    def finish(self, data: st.DataObject, owner: str | None, duration_share: float) -> None:
+        """The one way to succeed: allowed from queued or running, and with ``owner`` only
+        while that worker holds the lease."""
+        job_id, job = self._pick_job(data)
+        duration = duration_share * job.audio_seconds
+        result = self.lifecycle.finish(job_id, run_result(job_id, duration), lease_owner=owner)
+        if job.finished or (owner is not None and job.lease_owner != owner):
+            assert result is None
+            return
+        assert result is not None
+        self._end(job, JobStatus.SUCCEEDED)
+        job.progress = 1.0
+        job.transcript = True
+        if job.credit is CreditState.HELD:
+            self._resolved(
+                job, CreditState.SETTLED, charge(duration, job.audio_seconds, job.reserved)
+            )
+        assert (result.status, result.credit_state, result.charged_seconds) == (
+            JobStatus.SUCCEEDED,
+            job.credit,
+            job.charged,
+        )
+
+    @precondition(has_jobs)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        """Queued: full refund and the use back. Running: the seconds done are charged (the
+        most of the database's progress and the record's), the rest released, the use stays
+        spent. Finished: nothing moves."""
+        job_id, job = self._pick_job(data)
+        self._cancel(job_id, job)
+
+    def _cancel(self, job_id: str, job: JobModel) -> None:
+        result = self.lifecycle.cancel(job_id)
+        if job.status is not JobStatus.RUNNING:
+            self._finished(job, JobStatus.CANCELLED, result)
+            return
+        assert result is not None
+        fraction, seconds = job.record or (0.0, 0.0)
+        done = max(job.progress, fraction) * job.audio_seconds
+        done = max(done, seconds)
+        self._end(job, JobStatus.CANCELLED)
+        if job.credit is CreditState.HELD:
+            charged = charge(done, job.audio_seconds, job.reserved)
+            # The rule itself: at least progress × audio seconds (rounded up), within the hold.
+            assert charged >= min(job.reserved, job.progress * job.audio_seconds - 1e-6)
+            self._resolved(job, CreditState.SETTLED, charged)
+        assert (result.status, result.credit_state, result.charged_seconds) == (
+            JobStatus.CANCELLED,
+            job.credit,
+            job.charged,
+        )
+
+    @precondition(has_jobs)
+    @rule(data=st.data(), owner=OWNERS)
+    def fail(self, data: st.DataObject, owner: str | None) -> None:
+        job_id, job = self._pick_job(data)
+        result = self.lifecycle.fail(
+            job_id, code="engine_error", message="The engine crashed.", lease_owner=owner
+        )
+        if owner is not None and job.lease_owner != owner and not job.finished:
+            assert result is None
+            return
+        if not job.finished:
+            job.error_code = "engine_error"
+        self._finished(job, JobStatus.FAILED, result)
+
+    @precondition(has_jobs)
+    @rule(data=st.data(), owner=st.sampled_from(["worker-a", "worker-b"]))
+    def renew(self, data: st.DataObject, owner: str) -> None:
+        job_id, job = self._pick_job(data)
+        held = job.status is JobStatus.RUNNING and job.lease_owner == owner
+        assert self.lifecycle.renew(job_id, owner, LEASE_SECONDS) is held
+
+    @rule(expired=st.booleans())
+    def expire_leases(self, expired: bool) -> None:
+        """Every worker stops renewing (``expired``), or the check runs while leases are live.
+        A lost job goes back to the queue, or past the attempts fails and is refunded."""
+        now = utcnow() + timedelta(seconds=LEASE_SECONDS * (2 if expired else -1))
+        requeued = self.lifecycle.expire_leases(MAX_ATTEMPTS, now=now)
+        expected = []
+        for job_id, job in self.job_models.items():
+            if not expired or job.status is not JobStatus.RUNNING or job.lease_owner is None:
+                continue
+            if job.attempts >= MAX_ATTEMPTS:
+                job.error_code = WORKER_LOST
+                self._end(job, JobStatus.FAILED)
+                if job.credit is CreditState.HELD:
+                    self._resolved(job, CreditState.RELEASED, 0)
+            else:
+                expected.append(job_id)
+                job.status = JobStatus.QUEUED
+                job.lease_owner = None
+                job.progress = 0.0
+        assert sorted(requeued) == sorted(expected)
+
+    @precondition(has_finished_jobs)
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        """The user deletes a finished job: its transcript goes, its books stay."""
+        job_ids = [job_id for job_id, job in self.job_models.items() if job.finished]
+        job_id = data.draw(st.sampled_from(job_ids), label="finished job")
+        assert self.lifecycle.mark_deleted(job_id).deleted_at is not None
+        self.job_models[job_id].transcript = False
 
     @precondition(has_jobs)
     @rule(data=st.data())
@@ -201,21 +418,15 @@ class LedgerMachine(RuleBasedStateMachine):
         self._resolved(job, CreditState.SETTLED, result)
 
     @precondition(has_jobs)
-    @rule(data=st.data(), how=st.sampled_from(["release", "fail", "cancel"]))
-    def abandon(self, data: st.DataObject, how: str) -> None:
-        """End a job without charging: release its credit directly, fail it or cancel it."""
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        """Release a reservation directly through the ledger, whatever the job's status."""
         job_id, job = self._pick_job(data)
-        if how == "release":
-            with self.db.transaction() as session:
-                released = ledger.release(session, job_id)
-            assert released is (job.credit is CreditState.HELD)
-            if released:
-                self._resolved(job, CreditState.RELEASED, 0)
-        elif how == "fail":
-            result = self.lifecycle.fail(job_id, code="engine_error", message="The engine crashed.")
-            self._finished(job, JobStatus.FAILED, result)
-        else:
-            self._finished(job, JobStatus.CANCELLED, self.lifecycle.cancel(job_id))
+        with self.db.transaction() as session:
+            released = ledger.release(session, job_id)
+        assert released is (job.credit is CreditState.HELD)
+        if released:
+            self._resolved(job, CreditState.RELEASED, 0)
 
     @precondition(has_resolved_jobs)
     @rule(data=st.data(), how=st.sampled_from(["settle", "release"]))
@@ -269,8 +480,14 @@ class LedgerMachine(RuleBasedStateMachine):
             entries = session.execute(
                 select(LedgerEntry.job_id, LedgerEntry.kind).where(LedgerEntry.job_id.is_not(None))
             ).all()
+            transcripts = list(session.scalars(select(Transcript.job_id)))
         self._check_codes(records, totals)
         self._check_jobs(jobs, entries)
+        # Text exists only for a job that succeeded (and was not deleted), once.
+        assert sorted(transcripts) == sorted(
+            job_id for job_id, job in self.job_models.items() if job.transcript
+        )
+        assert all(self.job_models[job_id].status is JobStatus.SUCCEEDED for job_id in transcripts)
 
     def _check_codes(
         self, records: dict[str, CreditCode], totals: dict[str, dict[str, int]]
@@ -309,6 +526,17 @@ class LedgerMachine(RuleBasedStateMachine):
                 model.credit,
                 model.charged,
             )
+            assert (job.progress, job.lease_owner, job.attempts, job.error_code) == (
+                model.progress,
+                model.lease_owner,
+                model.attempts,
+                model.error_code,
+            )
+            assert (job.lease_expires_at is not None) is (model.lease_owner is not None)
+            if job.charged_seconds is not None:
+                assert 0 <= job.charged_seconds <= job.reserved_seconds
+            if model.finished:
+                assert self.blobs.list(f"jobs/{job_id}/work") == []
             expected = {
                 CreditState.HELD: ["reserve"],
                 CreditState.SETTLED: ["reserve", "settle"],
