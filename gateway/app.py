@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
@@ -55,7 +56,7 @@ def build_services(
             concurrency=concurrency,
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,
-            exclusive=exclusive and db.is_sqlite,
+            exclusive=exclusive and _database_in(db, settings.data_dir),
         )
         engine_name, model_name = engine.name, engine.model
     services = Services(
@@ -70,6 +71,16 @@ def build_services(
     )
     services.upload_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return services
+
+
+def _database_in(db: Database, data_dir: Path) -> bool:
+    """Whether the database is a SQLite file inside ``data_dir``, which the lock guards."""
+    path = db.engine.url.database
+    return (
+        db.is_sqlite
+        and path is not None
+        and Path(path).absolute().is_relative_to(data_dir.absolute())
+    )
 
 
 def create_app(

@@ -44,12 +44,24 @@ def termination_message(outcome: dict[str, Any]) -> str:
     """The outcome as JSON that fits the kubelet's limit, shortening the message if needed."""
     text = json.dumps(outcome, separators=(",", ":"))
     error = outcome.get("error")
-    if len(text.encode()) > MAX_MESSAGE_BYTES and isinstance(error, dict):
-        spare = MAX_MESSAGE_BYTES - len(text.encode()) + len(error.get("message", "").encode())
-        error = {**error, "message": error.get("message", "").encode()[: max(spare - 8, 0)]}
-        error["message"] = error["message"].decode(errors="ignore") + "…"
-        text = json.dumps({**outcome, "error": error}, separators=(",", ":"))
-    return text
+    if len(text.encode()) <= MAX_MESSAGE_BYTES or not isinstance(error, dict):
+        return text
+    message = str(error.get("message", ""))
+
+    def shortened(length: int) -> str:
+        cut = {**error, "message": message[:length] + "…"}
+        return json.dumps({**outcome, "error": cut}, separators=(",", ":"))
+
+    # The longest start of the message that fits, measured as encoded JSON (where a character
+    # may take up to six bytes, ``\uXXXX``).
+    low, high = 0, len(message)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(shortened(middle).encode()) <= MAX_MESSAGE_BYTES:
+            low = middle
+        else:
+            high = middle - 1
+    return shortened(low)
 
 
 def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = None) -> int:

@@ -9,6 +9,7 @@ operator reading the result record the Job entrypoint writes) hands the result t
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -48,7 +49,7 @@ class ProgressReporter:
         self.sink = sink
         self.total = max(audio_seconds, 1e-6)
         self.interval = interval
-        self.last_write = 0.0
+        self.last_write = -math.inf  # the first report always goes out
 
     def __call__(self, seconds_done: float) -> None:
         now = time.monotonic()

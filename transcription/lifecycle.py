@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from transcription import ledger
@@ -99,6 +100,7 @@ def _transition(
     *,
     allowed: frozenset[JobStatus] | None = None,
     held_by: str | None = None,
+    unless_changed: Sequence[ColumnElement[bool]] = (),
     **values: Any,
 ) -> Job | None:
     """Move the job to ``to`` if its status allows it (and, with ``held_by``, only while that
@@ -106,7 +108,7 @@ def _transition(
     sources = allowed if allowed is not None else TRANSITIONS[to]
     if to in FINISHED:
         values.update(completed_at=utcnow(), lease_owner=None, lease_expires_at=None)
-    condition = [Job.id == job_id, Job.status.in_(sorted(sources))]
+    condition = [Job.id == job_id, Job.status.in_(sorted(sources)), *unless_changed]
     if held_by is not None:
         condition.append(Job.lease_owner == held_by)
     result = session.execute(
@@ -123,13 +125,19 @@ def _transition(
 
 
 def _fail(
-    session: Session, job_id: str, code: str, message: str, lease_owner: str | None = None
+    session: Session,
+    job_id: str,
+    code: str,
+    message: str,
+    lease_owner: str | None = None,
+    unless_changed: Sequence[ColumnElement[bool]] = (),
 ) -> Job | None:
     job = _transition(
         session,
         job_id,
         JobStatus.FAILED,
         held_by=lease_owner,
+        unless_changed=unless_changed,
         error_code=code,
         error_message=message[:2000],
     )
@@ -226,13 +234,17 @@ class Lifecycle:
             )
             return result.rowcount == 1  # type: ignore[attr-defined]
 
-    def progress(self, job_id: str, fraction: float) -> bool:
-        """Record progress; False once the job is no longer running, so the worker can stop."""
+    def progress(self, job_id: str, fraction: float, *, lease_owner: str | None = None) -> bool:
+        """Record progress; False once the job is no longer running (or no longer
+        ``lease_owner``'s), so the worker can stop."""
         fraction = min(max(fraction, 0.0), 1.0)
+        condition = [Job.id == job_id, Job.status == JobStatus.RUNNING]
+        if lease_owner is not None:
+            condition.append(Job.lease_owner == lease_owner)
         with self.db.transaction() as session:
             result = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+                .where(*condition)
                 .values(progress=fraction, updated_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
@@ -297,7 +309,7 @@ class Lifecycle:
         A queued job is refunded in full and its use given back. A running job is charged the
         audio already transcribed (at least progress times audio seconds, rounded up), the rest is
         released, and the use stays spent."""
-        reported = None
+        reported = self.files.read_progress(job_id)
         with self.db.transaction() as session:
             job = _transition(
                 session, job_id, JobStatus.CANCELLED, allowed=frozenset({JobStatus.QUEUED})
@@ -321,21 +333,32 @@ class Lifecycle:
         self.files.tidy(job_id, audio_key=job.audio_key, transcripts=True)
         return job
 
-    def expire_leases(self, max_attempts: int, *, now: datetime | None = None) -> list[str]:
+    def expire_leases(
+        self, max_attempts: int, *, now: datetime | None = None, unleased: bool = False
+    ) -> list[str]:
         """Re-queue running jobs whose worker stopped renewing its lease (before ``now``); a job
-        out of attempts fails and is refunded instead. Returns the re-queued IDs."""
+        out of attempts fails and is refunded instead. ``unleased`` takes running jobs with no
+        lease too (left by a server older than leases; only for a process that owns the
+        database). Each job is taken only if its lease is still the expired one seen, so a
+        worker that renewed meanwhile keeps it. Returns the re-queued IDs."""
         now = now or utcnow()
+        lost = Job.lease_expires_at < now
+        if unleased:
+            lost = or_(lost, Job.lease_expires_at.is_(None))
         requeued: list[str] = []
         failed: list[Job] = []
         with self.db.transaction() as session:
             expired = session.execute(
                 select(Job.id, Job.attempts, Job.lease_owner).where(
-                    Job.status == JobStatus.RUNNING,
-                    Job.lease_expires_at.is_not(None),
-                    Job.lease_expires_at < now,
+                    Job.status == JobStatus.RUNNING, lost
                 )
             ).all()
             for job_id, attempts, owner in expired:
+                unchanged = [
+                    lost,
+                    Job.attempts == attempts,
+                    Job.lease_owner.is_(None) if owner is None else Job.lease_owner == owner,
+                ]
                 if attempts >= max_attempts:
                     job = _fail(
                         session,
@@ -343,18 +366,14 @@ class Lifecycle:
                         WORKER_LOST,
                         f"The transcription stopped without finishing {attempts} times "
                         "(its worker crashed or was killed); the credit was refunded.",
+                        unless_changed=unchanged,
                     )
                     if job is not None:
                         failed.append(job)
                     continue
                 result = session.execute(
                     update(Job)
-                    .where(
-                        Job.id == job_id,
-                        Job.status == JobStatus.RUNNING,
-                        Job.lease_owner == owner,
-                        Job.lease_expires_at < now,
-                    )
+                    .where(Job.id == job_id, Job.status == JobStatus.RUNNING, and_(*unchanged))
                     .values(
                         status=JobStatus.QUEUED,
                         progress=0.0,

@@ -86,7 +86,7 @@ class LocalJobRunner:
     def start(self) -> None:
         # Far enough ahead that every lease a previous process held counts as expired.
         now = utcnow() + timedelta(days=1) if self.exclusive else None
-        self.lc.expire_leases(self.max_attempts, now=now)
+        self.lc.expire_leases(self.max_attempts, now=now, unleased=self.exclusive)
         for job_id in self.lc.queued_ids():
             self._queue.put(job_id)
         self._threads = [self._spawn(index) for index in range(self.concurrency)]
@@ -165,7 +165,7 @@ class LocalJobRunner:
         with Heartbeat(self.lc, job_id, self.owner, self.lease_seconds) as heartbeat:
 
             def progress(fraction: float, _seconds_done: float) -> bool:
-                return heartbeat.held and self.lc.progress(job_id, fraction)
+                return heartbeat.held and self.lc.progress(job_id, fraction, lease_owner=self.owner)
 
             try:
                 result = self.pipeline.run(RunRequest.of(job), progress)

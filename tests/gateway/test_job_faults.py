@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_cancelling_at_99_percent_charges_what_was_transcribed_and_the_use_stays
     single = issue_code(client, seconds=150)
     job_id = submit(client, single.code, mp3_100s).json()["id"]
 
-    def at_99() -> dict[str, object] | None:
+    def at_99() -> dict[str, Any] | None:
         job = get_job(client, single.code, job_id)
         return job if job["progress"] >= 0.99 else None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,6 +341,38 @@ def test_hanging_up_is_a_cancel_under_the_credit_rules(start_gateway: StartGatew
     engine.release()
     assert eventually(lambda: finished(blocker_code), what="the blocker")["status"] == "succeeded"
     assert len(engine.calls) == 2  # the queued job never reached the engine
+    audit(gateway.services.db)
+
+
+def test_a_job_cancelled_while_its_caller_waits_is_a_409_that_says_what_it_cost(
+    start_gateway: StartGateway,
+) -> None:
+    engine = BlockingEngine()
+    gateway = start_gateway(engine=engine)
+    code = gateway.issue()
+
+    def transcribe() -> Any:
+        with SPEECH.open("rb") as file:
+            return gateway.sdk(code, max_retries=0).audio.transcriptions.create(
+                file=file, model="whisper-1"
+            )
+
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(transcribe)
+
+        def halfway() -> str | None:
+            jobs = gateway.get(code, "/v1/transcriptions")["data"]
+            return jobs[0]["id"] if jobs and jobs[0]["progress"] > 0 else None
+
+        job_id = eventually(halfway, what="the job running")
+        deleted = httpx.delete(f"{gateway.url}/v1/transcriptions/{job_id}", headers=auth(code))
+        assert deleted.status_code == 200, deleted.text
+        with pytest.raises(openai.ConflictError) as cancelled:
+            waiting.result(timeout=30)
+    assert (cancelled.value.code, cancelled.value.param) == ("transcription_cancelled", job_id)
+    assert "charged 20 s" in cancelled.value.message
+    assert "use stays spent" in cancelled.value.message
+    engine.release()
     audit(gateway.services.db)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from gateway.runners import LocalJobRunner
 from tests.fixtures.audio import make_mp3
 from tests.fixtures.gateway import (
     BlockingEngine,
@@ -430,7 +431,9 @@ def test_jobs_left_by_a_stopped_app_are_finished_by_the_next_and_charged_once(
     queued = submit(first_app, issued.code, mp3_5s).json()
     # The app stops taking jobs, then its worker dies mid-job without recording anything, as
     # in a crash: the job stays running, its lease no longer renewed, the other one queued.
-    services(first_app).runner.stop(timeout=0.1)
+    runner = services(first_app).runner
+    assert isinstance(runner, LocalJobRunner)
+    runner.stop(timeout=0.1)
     blocking.abandon()
     stop(first_app)
     with services(first_app).db.read() as session:

@@ -3,34 +3,38 @@
 Each schedule is a seed. A random generator interleaves what the gateway does (submit, cancel,
 poll, delete), what kopf does (accept a TranscriptionJob, run its finalizer), what the
 reconciler does (``reconcile_pass``), what the cluster does (a pod starts, reports progress,
-transcribes, refuses the audio, crashes, runs twice, outlives its deleted Job; a Job vanishes or
-misses its deadline; the garbage collector) and what goes wrong (the operator dies, halfway
-through a pass or a handler too; API calls fail, before or after taking effect; database
-statements fail, and commits succeed whose answer is lost). All of it drives the real code: the
-gateway's route functions and runner, the operator's handlers and reconciliation, the
-transcriber's entry point, ``Lifecycle`` and the ledger on PostgreSQL. Only the Kubernetes API is
-an in-memory fake (``simcluster.FakeKube``), and its calls are where the operator's threads and the
-other processes interleave.
+transcribes, refuses the audio, crashes, is killed, runs twice, outlives its deleted Job; a Job
+vanishes or misses its deadline; the garbage collector) and what goes wrong (the operator dies,
+halfway through a pass or a handler too, and restarts with nothing in memory; API calls fail,
+before or after taking effect; database statements fail, and commits succeed whose answer is
+lost; the blob store is unreachable). All of it drives the real code: the gateway's route
+functions and runner, the operator's handlers and reconciliation, the transcriber's entry point
+and pipeline, ``Lifecycle`` and the ledger on PostgreSQL. Only the Kubernetes API is an in-memory
+fake (``simcluster.FakeKube``); its calls are where the operator's threads and the other
+processes interleave, so another actor's step may run in the middle of a pass.
 
 After every step the money must add up: per code, spent + reserved within the budget and the
 ledger summing to the counters, which match the jobs; each job resolved at most once, and held
-exactly while unfinished; no transcript (no text) for a job that has not succeeded, and the files
-of one that has are there; a cancel charges what was transcribed, never more than was reserved.
-At the end, with the faults stopped and the cluster running every Job it has, every job must
-finish within ``FINAL_PASSES`` passes, settled or refunded exactly once, with its
-TranscriptionJob showing the database's outcome.
+exactly while unfinished; no transcript (no text, through the API too) for a job that has not
+succeeded, and the files of one that has are there; a cancel refunds a queued job and charges a
+running one what was transcribed (rounded up), never more than was reserved. At the end, with the
+faults stopped and the cluster running every Job it has, every job must finish within
+``FINAL_PASSES`` passes, settled or refunded exactly once, its TranscriptionJob showing the
+database's outcome.
 
-``WHISPER_SCHEDULES=<n>`` runs more schedules, ``WHISPER_SCHEDULE_SEED=<seed>`` replays one: a
-failure names its seed and the steps that led to it.
+``WHISPER_SCHEDULES=<n>`` runs more schedules, ``WHISPER_SCHEDULE_SEED=<seed>`` replays one (a
+failure names its seed and the steps that led to it), ``WHISPER_SCHEDULE_STATS=<file>`` writes
+what the schedules did and left behind as JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
 import random
-import json
 import shutil
 import tempfile
 from collections import Counter
@@ -61,29 +65,31 @@ from transcription.db.session import Database
 from transcription.errors import CreditError, EngineUnavailable, NotFound, UndecodableAudio
 from transcription.jobfiles import JobFiles, RunRequest
 from transcription.lifecycle import Lifecycle, NewJob
-from transcription.resources import Phase, job_id_of, resource_name
+from transcription.resources import Phase, job_id_of
 from transcription.settings import OperatorSettings
 from transcription.states import CreditState, JobStatus, Mode
-from transcription.transcript import FORMATS, OutputFormat, Segment, TranscriptResult
+from transcription.transcript import FORMATS, Segment, TranscriptResult
 from transcription_operator import handlers, reconcile
 from transcription_operator.context import Context
 from transcription_operator.reconcile import Backoff, Reconciler, reconcile_pass
 
-SCHEDULES = int(os.environ.get("WHISPER_SCHEDULES", "250"))
+SCHEDULES = int(os.environ.get("WHISPER_SCHEDULES", "200"))
 ONE_SEED = os.environ.get("WHISPER_SCHEDULE_SEED")
 STATS = os.environ.get("WHISPER_SCHEDULE_STATS")
 #: Random steps per schedule, before the faults stop.
-STEPS = 45
+STEPS = 40
 #: Passes (10 s apart, so past the longest backoff) within which every job must finish.
 FINAL_PASSES = 50
 KEY = b"schedule-test-code-key"
 #: The API calls the trace shows.
 MUTATIONS = {"create_tj", "delete_tj", "create_job", "delete_job", "patch_tj_status"}
 NAMESPACE = "default"
-FORMAT_LIST: tuple[OutputFormat, ...] = FORMATS
 
 
 Choices = list[tuple[float, Callable[[], None]]]
+# The kopf handlers, called as kopf calls them (its decorators type them for kopf alone).
+ACCEPT = cast(Callable[..., None], handlers.accept)
+FINALIZE = cast(Callable[..., None], handlers.cancel)
 
 
 class Crash(BaseException):
@@ -103,6 +109,7 @@ class Faults:
     api: float = 0.0  # an API call fails, before or after it took effect
     crash: float = 0.0  # the operator dies at an API call
     interleave: float = 0.0  # another actor's step runs at an operator's API call
+    blob: float = 0.0  # a blob store call of the gateway or the operator fails
 
     @classmethod
     def draw(cls, rng: random.Random) -> Faults:
@@ -112,6 +119,7 @@ class Faults:
             api=rng.choice([0.0, 0.0, 0.02, 0.06]),
             crash=rng.choice([0.0, 0.0, 0.01, 0.03]),
             interleave=rng.choice([0.0, 0.1, 0.25]),
+            blob=rng.choice([0.0, 0.0, 0.0, 0.03, 0.1]),
         )
 
 
@@ -174,6 +182,35 @@ class HeldAudio(LocalBlobStore):
         return (self.racing and key.endswith("/audio.mp3")) or super().exists(key)
 
 
+class FaultyBlobs(LocalBlobStore):
+    """The blob store as the gateway or the operator sees it: a call may fail (an outage)."""
+
+    def __init__(self, root: Path, sim: Schedule, component: str) -> None:
+        super().__init__(root)
+        self.sim = sim
+        self.component = component
+
+    def get_bytes(self, key: str) -> bytes:
+        self.sim.blob_call(self.component, "get")
+        return super().get_bytes(key)
+
+    def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
+        self.sim.blob_call(self.component, "put")
+        return super().put_bytes(key, data, content_type=content_type)
+
+    def exists(self, key: str) -> bool:
+        self.sim.blob_call(self.component, "exists")
+        return super().exists(key)
+
+    def delete(self, key: str) -> None:
+        self.sim.blob_call(self.component, "delete")
+        super().delete(key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        self.sim.blob_call(self.component, "delete_prefix")
+        return super().delete_prefix(prefix)
+
+
 class CheckedLifecycle(Lifecycle):
     """The real lifecycle; each cancel is checked against the credit rules as it happens."""
 
@@ -183,7 +220,7 @@ class CheckedLifecycle(Lifecycle):
 
     def cancel(self, job_id: str) -> Job | None:
         before = self.sim.row(job_id)
-        reported = self.files.read_progress(job_id)
+        reported = self.sim.pod_files.read_progress(job_id)
         try:
             return super().cancel(job_id)
         finally:
@@ -230,9 +267,6 @@ class Schedule:
         self.job_code: dict[str, CreditCode] = {}
 
         self.root = env.root / f"s{seed}"
-        if seed == int(os.environ.get("DEBUG_TRACE_SEED", "-1")):
-            import atexit
-            atexit.register(lambda: Path("/tmp/trace.txt").write_text("\n".join(self.trace)))
         self.blobs = LocalBlobStore(self.root / "blobs")
         self.pod_files = JobFiles(LocalBlobStore(self.root / "blobs"))
         self.held_audio = self.root / "held-audio.mp3"
@@ -254,8 +288,11 @@ class Schedule:
             max_attempts=self.rng.choice([1, 2, 3]),
             reconcile_interval=5.0,
         )
-        self.operator_lc = CheckedLifecycle(env.operator_db, self.blobs, self)
-        self.gateway_lc = CheckedLifecycle(env.gateway_db, self.blobs, self)
+        self.gateway_blobs = FaultyBlobs(self.blobs.root, self, "gateway")
+        self.operator_lc = CheckedLifecycle(
+            env.operator_db, FaultyBlobs(self.blobs.root, self, "operator"), self
+        )
+        self.gateway_lc = CheckedLifecycle(env.gateway_db, self.gateway_blobs, self)
         kube = cast(Any, self.kube)
         self.ctx = Context(
             settings=self.settings,
@@ -309,7 +346,7 @@ class Schedule:
     def step(self) -> None:
         self.clock += self.rng.uniform(0.2, 3.0)
         self.kube.seconds = self.clock
-        choices = self.gateway_steps(submit=8, cancel=3, poll=2)
+        choices = self.gateway_steps(submit=6, cancel=3, poll=2)
         choices.append((0.5, self.change_faults))
         if self.operator_up:
             choices += self.kopf_steps()
@@ -321,7 +358,7 @@ class Schedule:
         self.count(f"step {chosen.__name__}")
         chosen()
 
-    def pick(self, choices: list[tuple[float, Callable[[], None]]]) -> Callable[[], None]:
+    def pick(self, choices: Choices) -> Callable[[], None]:
         total = sum(weight for weight, _ in choices)
         point = self.rng.uniform(0, total)
         for weight, choice in choices:
@@ -434,6 +471,12 @@ class Schedule:
             self.note(f"DB commit answer lost in the {component}")
             raise psycopg.OperationalError("injected: connection lost after COMMIT")
 
+    def blob_call(self, component: str, call: str) -> None:
+        if self.rng.random() < self.faults.blob:
+            self.count(f"blob store error in the {component}")
+            self.note(f"blob store error at {call} in the {component}")
+            raise ConnectionError("injected: the blob store is unreachable")
+
     def change_faults(self) -> None:
         self.actor = "test"
         self.faults = Faults.draw(self.rng)
@@ -462,7 +505,11 @@ class Schedule:
         seconds = round(self.rng.uniform(1, 90), 1)
         job_id = f"tr_{self.rng.getrandbits(64):016x}"
         key = jobfiles.audio_key(job_id)
-        self.blobs.put_bytes(key, b"ID3 fake audio", content_type="audio/mpeg")
+        try:
+            self.gateway_blobs.put_bytes(key, b"ID3 fake audio", content_type="audio/mpeg")
+        except ConnectionError:
+            self.note(f"submit {seconds}s: 500 storing the audio")
+            return
         new = NewJob(
             job_id=job_id, code_id=code.id, audio_key=key, audio_bytes=14, audio_seconds=seconds,
             filename="a.mp3", language=None, prompt=None, mode="fast", engine="local", model=None,
@@ -472,7 +519,8 @@ class Schedule:
                 lifecycle.submit(session, new)
         except (CreditError, DBAPIError) as exc:
             # What _create_job does on any failure; a lost commit leaves the job behind.
-            self.blobs.delete(key)
+            with contextlib.suppress(ConnectionError):
+                self.gateway_blobs.delete(key)
             if self.row(job_id) is not None:
                 self.jobs.append(job_id)
                 self.job_code[job_id] = code
@@ -499,12 +547,12 @@ class Schedule:
         """DELETE, mostly of an unfinished job, preferably a running one."""
         self.actor = "gateway"
         running = [j for j in self.jobs if self.statuses.get(j) == JobStatus.RUNNING]
-        unfinished = [j for j in self.jobs if self.statuses.get(j) == JobStatus.QUEUED]
+        queued = [j for j in self.jobs if self.statuses.get(j) == JobStatus.QUEUED]
         draw = self.rng.random()
         if running and draw < 0.6:
             job_id: str | None = self.rng.choice(running)
-        elif unfinished and draw < 0.85:
-            job_id = self.rng.choice(unfinished)
+        elif queued and draw < 0.85:
+            job_id = self.rng.choice(queued)
         else:
             job_id = self.pick_job()
         if job_id is None:
@@ -517,7 +565,7 @@ class Schedule:
                 return
             out = delete_transcription(self.services, code, job_id)
             self.note(f"DELETE {self.name(job_id)} -> {out.status} charged {out.charged_seconds}")
-        except (NotFound, DBAPIError, ApiException) as exc:
+        except (NotFound, DBAPIError, ApiException, ConnectionError) as exc:
             self.note(f"DELETE {self.name(job_id)} -> {type(exc).__name__}")
 
     def poll(self) -> None:
@@ -563,7 +611,7 @@ class Schedule:
             self.operator_up = False
             self.actor = "operator"
             self.note(f"operator died during {what}")
-        except (DBAPIError, ApiException, NotFound) as exc:
+        except (DBAPIError, ApiException, NotFound, ConnectionError) as exc:
             self.actor = "operator"
             self.note(f"{what} failed: {type(exc).__name__} (retried later)")
 
@@ -582,7 +630,7 @@ class Schedule:
         def accept() -> None:
             self.note(f"kopf accept {self.name(job_id_of(name))}{' (stale body)' if stale else ''}")
             try:
-                handlers.accept(body=kopf.Body(body), name=name, memo=self.memo)
+                ACCEPT(body=kopf.Body(cast(Any, body)), name=name, memo=self.memo)
             except kopf.PermanentError as exc:
                 self.note(f"accept gave up: {exc}")
             self.accepted.add(uid)
@@ -598,10 +646,13 @@ class Schedule:
 
         def finalize() -> None:
             self.note(f"kopf finalizer of {self.name(job_id_of(name))}")
-            handlers.cancel(body=kopf.Body(body), name=name, namespace=NAMESPACE, memo=self.memo)
-            if name in self.kube.tjs and self.kube.tjs[name]["metadata"]["uid"] == body[
-                "metadata"
-            ]["uid"]:
+            FINALIZE(
+                body=kopf.Body(cast(Any, body)), name=name, namespace=NAMESPACE, memo=self.memo
+            )
+            if (
+                name in self.kube.tjs
+                and self.kube.tjs[name]["metadata"]["uid"] == body["metadata"]["uid"]
+            ):
                 self.kube.remove_finalizer(name)
 
         self.as_operator("finalizer", finalize)
@@ -780,11 +831,15 @@ class Schedule:
     # --- the end: faults stop, the cluster keeps running ------------------------------------
 
     def converge(self) -> None:
+        """Faults stop; kopf runs what it owes, the cluster runs every Job it has to its end,
+        the reconciler passes every 10 s: every job must finish, once, and its
+        TranscriptionJob say so."""
         self.actor = "test"
         self.faults = Faults()
         self.note("faults stop")
         if not self.operator_up:
             self.restart()
+        lagging: list[str] = []
         for passes in range(1, FINAL_PASSES + 1):
             self.clock += 10.0
             self.kube.seconds = self.clock
@@ -800,17 +855,16 @@ class Schedule:
                 self.kube.end_pod(name, exit_code, message, final=True)
             self.reconcile()
             self.check()
-            if self.done():
+            lagging = self.lagging()
+            if not lagging:
                 self.count(f"converged in {passes} passes")
                 break
         else:
-            raise Broken(f"jobs still unfinished after {FINAL_PASSES} passes: {self.unfinished()}")
+            raise Broken(f"not done after {FINAL_PASSES} passes: {'; '.join(lagging)}")
         self.actor = "test"
         for job_id in self.jobs:
-            try:
+            with contextlib.suppress(NotFound):  # deleted by its owner
                 self.read_as_api(job_id)
-            except NotFound:
-                pass  # deleted by its owner
         unresolved = self.env.probe.execute(
             text(
                 "SELECT j.id FROM jobs j WHERE (SELECT count(*) FROM ledger_entries e "
@@ -821,51 +875,50 @@ class Schedule:
             raise Broken(f"jobs not resolved exactly once: {unresolved}")
         self.tally()
 
+    def lagging(self) -> list[str]:
+        """What is not done yet: unfinished jobs, TranscriptionJobs not showing the outcome."""
+        rows = {
+            row[0]: row[1:]
+            for row in self.env.probe.execute(text("SELECT id, status, charged_seconds FROM jobs"))
+        }
+        lagging = [
+            f"{self.name(job_id)} is {status}"
+            for job_id, (status, _) in rows.items()
+            if not JobStatus(status).finished
+        ]
+        for name, tj in self.kube.tjs.items():
+            job_id = job_id_of(name)
+            status = tj.get("status") or {}
+            if tj["metadata"].get("deletionTimestamp"):
+                lagging.append(f"the TranscriptionJob of {self.name(job_id)} is being deleted")
+            elif job_id not in rows:
+                lagging.append(f"TranscriptionJob {name} has no job")
+            elif (status.get("phase"), status.get("chargedSeconds")) != (
+                Phase(rows[job_id][0].capitalize()),
+                rows[job_id][1],
+            ):
+                lagging.append(
+                    f"the TranscriptionJob of {self.name(job_id)} shows {status.get('phase')} "
+                    f"charged {status.get('chargedSeconds')}, the database {rows[job_id]}"
+                )
+        return lagging
+
     def tally(self) -> None:
-        """What the schedule ended with, for WHISPER_SCHEDULE_STATS."""
-        for status, code, attempts in self.env.probe.execute(
-            text("SELECT status, error_code, attempts FROM jobs")
+        """What the schedule ended with, for the statistics: outcomes, and the files
+        finished jobs left behind (not an invariant: a pod that outlives its Job can write after
+        the last tidy, and a tidy that fails is not retried)."""
+        for job_id, status, code, attempts, deleted in self.env.probe.execute(
+            text("SELECT id, status, error_code, attempts, deleted_at IS NOT NULL FROM jobs")
         ):
             self.count(f"job {status} {code or ''}".strip())
             if attempts > self.settings.max_attempts:
                 self.count("job with attempts over max_attempts")
-                self.count(f"DEBUG seed {self.seed} attempts")
-                Path(f"/tmp/trace-{self.seed}.txt").write_text("\n".join(self.trace))
-        leftovers = [key for key in self.blobs.list("jobs") if "/work/" in key]
-        finished_transcripts = [
-            key for key in self.blobs.list("jobs") if "/transcript." in key
-        ]
-        self.env.stats["leftover work files"] += len(leftovers)
-        if leftovers:
-            self.count(f"DEBUG seed {self.seed} leftovers {leftovers}")
-            Path(f"/tmp/trace-{self.seed}.txt").write_text("\n".join(self.trace))
-        self.env.stats["transcript files (all jobs)"] += len(finished_transcripts)
-
-    def unfinished(self) -> list[str]:
-        rows = self.env.probe.execute(
-            text("SELECT id FROM jobs WHERE status IN ('queued', 'running')")
-        ).all()
-        return [self.name(row[0]) for row in rows]
-
-    def done(self) -> bool:
-        """Every job finished, and every TranscriptionJob shows it."""
-        if self.unfinished():
-            return False
-        rows = {
-            row[0]: row
-            for row in self.env.probe.execute(text("SELECT id, status, charged_seconds FROM jobs"))
-        }
-        for name, tj in self.kube.tjs.items():
-            job_id = job_id_of(name)
-            status = tj.get("status") or {}
-            if job_id not in rows or tj["metadata"].get("deletionTimestamp"):
-                return False
-            _, db_status, charged = rows[job_id]
-            if status.get("phase") != Phase(db_status.capitalize()):
-                return False
-            if status.get("chargedSeconds") != charged:
-                return False
-        return True
+            for key in self.blobs.list(jobfiles.work_prefix(job_id)):
+                self.count(f"left behind by a {status} job: {key.rsplit('/', 1)[-1]}")
+            if status != JobStatus.SUCCEEDED or deleted:
+                for fmt in FORMATS:
+                    if self.blobs.exists(jobfiles.transcript_key(job_id, fmt)):
+                        self.count(f"left behind by a {status} job: transcript")
 
     # --- invariants -------------------------------------------------------------------------
 
@@ -951,7 +1004,7 @@ class Schedule:
                 duration = found[0]
                 if charged != min(math.ceil(duration - 1e-6), reserved):
                     raise Broken(f"{job_id} transcribed {duration} s but charged {charged}")
-                for fmt in FORMAT_LIST:
+                for fmt in FORMATS:
                     if not self.blobs.exists(jobfiles.transcript_key(job_id, fmt)):
                         raise Broken(f"{job_id} succeeded but its {fmt} transcript is gone")
         for code_id, budget, reserved, spent_seconds, used, max_uses in codes:
@@ -1058,8 +1111,30 @@ def _seeds() -> list[int]:
 TABLES = ", ".join(name for name in Base.metadata.tables)
 
 
+#: What a full run must have exercised at least once, lest the schedules quietly stop reaching
+#: the paths they are for.
+EXERCISED = (
+    "cancel of a queued job",
+    "cancel of a running job",
+    "job succeeded",
+    "job failed transcription_failed",
+    "job failed audio_undecodable",
+    "job failed job_lost",
+    "DB error in the operator",
+    "DB error in the gateway",
+    "DB commit lost in the operator",
+    "blob store error in the operator",
+    "operator API error",
+    "crash at",
+    "interleaved",
+    "step pod_twice",
+    "step zombie_run",
+)
+
+
 def test_random_schedules_keep_the_money_right(env: Env) -> None:
-    for seed in _seeds():
+    seeds = _seeds()
+    for seed in seeds:
         with env.oracle.transaction() as session:
             session.execute(text(f"TRUNCATE {TABLES}"))
         sim = Schedule(seed, env)
@@ -1069,3 +1144,6 @@ def test_random_schedules_keep_the_money_right(env: Env) -> None:
         finally:
             env.current.clear()
             shutil.rmtree(sim.root, ignore_errors=True)
+    if len(seeds) >= 100:
+        missing = [what for what in EXERCISED if not any(k.startswith(what) for k in env.stats)]
+        assert not missing, f"no schedule exercised: {missing}"

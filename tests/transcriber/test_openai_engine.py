@@ -33,6 +33,7 @@ from transcriber.checkpoints import BlobCheckpoints
 from transcriber.engines import build_engine
 from transcriber.engines.openai import OpenAIEngine
 from transcriber.mp3chunks import plan_chunks
+from transcription import jobfiles
 from transcription.blobstore import LocalBlobStore
 from transcription.errors import TranscriptionFailed
 from transcription.settings import WorkerSettings
@@ -284,7 +285,8 @@ def test_a_killed_transcriber_resumes_sending_only_the_missing_chunks_and_charge
 
 
 def checkpoints(server: Server, job_id: str) -> list[Path]:
-    return sorted((server.data_dir / "blobs" / "jobs" / job_id / "chunks").glob("*.json"))
+    prefix = jobfiles.checkpoint_prefix(job_id)
+    return sorted((server.data_dir / "blobs" / prefix).glob("*.json"))
 
 
 def upload(server: Server, code: str, audio: Path) -> dict[str, Any]:
@@ -312,7 +314,7 @@ def test_a_job_whose_chunks_are_all_checkpointed_sends_nothing_again(
     tmp_path: Path, whisper_server: WhisperServer, fault_proxy: StartProxy
 ) -> None:
     proxy = fault_proxy(whisper_server.root)
-    store = BlobCheckpoints(LocalBlobStore(tmp_path / "blobs"), "jobs/tr_test/chunks")
+    store = BlobCheckpoints(LocalBlobStore(tmp_path / "blobs"), jobfiles.checkpoint_prefix("tr_test"))
     engine = engine_for(proxy.base_url)
     first = engine.transcribe(SPEECH, checkpoints=store)
     sent = len(proxy.transcriptions())
