@@ -8,7 +8,7 @@ plain dicts: the test's kubelet sets their status, and ``collect_garbage`` plays
 collector (Jobs whose owner is gone, Pods whose Job is gone). Lists return deep copies, as JSON
 over the wire would.
 
-Every call the clients make goes through ``hook(verb, "before" | "after")`` first, where a test
+Every call the clients make goes through ``hook(verb, "before" | "after", name)``, where a test
 can inject an API error, a crash of the caller, or another actor's step: the API calls are the
 points where the operator's threads and the other processes interleave.
 """
@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from transcription.resources import JOB_LABEL, TJ_PLURAL, TranscriptionJobStatus
 
-Hook = Callable[[str, str], None]
+Hook = Callable[[str, str, str], None]
 
 #: The finalizer kopf puts on TranscriptionJobs (``settings.persistence.finalizer``).
 FINALIZER = "transcription.whisper.dev/finalizer"
@@ -85,12 +85,12 @@ class FakeKube:
         self._serial += 1
         return f"{kind}-{self._serial:06d}"
 
-    def _call(self, verb: str, action: Callable[[], Any]) -> Any:
+    def _call(self, verb: str, action: Callable[[], Any], name: str = "") -> Any:
         if self.hook is not None:
-            self.hook(verb, "before")
+            self.hook(verb, "before", name)
         result = action()
         if self.hook is not None:
-            self.hook(verb, "after")
+            self.hook(verb, "after", name)
         return result
 
     def _ns(self, namespace: str) -> None:
@@ -132,7 +132,7 @@ class FakeKube:
             self.tjs[name] = tj
             return clone(tj)
 
-        result: dict[str, Any] = self._call("create_tj", act)
+        result: dict[str, Any] = self._call("create_tj", act, body["metadata"]["name"])
         return result
 
     def patch_namespaced_custom_object_status(
@@ -163,7 +163,9 @@ class FakeKube:
             self._bump(tj)
             return clone(tj)
 
-        result: dict[str, Any] = self._call("patch_tj_status", act)
+        result: dict[str, Any] = self._call(
+            "patch_tj_status", act, f"{name} {(body.get('status') or {}).get('phase') or ''}"
+        )
         return result
 
     def delete_namespaced_custom_object(
@@ -174,7 +176,7 @@ class FakeKube:
             assert plural == TJ_PLURAL
             return self.delete_tj(name)
 
-        result: dict[str, Any] = self._call("delete_tj", act)
+        result: dict[str, Any] = self._call("delete_tj", act, name)
         return result
 
     def delete_tj(self, name: str) -> dict[str, Any]:
@@ -237,7 +239,7 @@ class FakeKube:
             self.jobs[name] = job
             return clone(job)
 
-        return self._call("create_job", act)
+        return self._call("create_job", act, body["metadata"]["name"])
 
     def delete_namespaced_job(self, name: str, namespace: str, **_: Any) -> Any:
         def act() -> dict[str, Any]:
@@ -247,7 +249,7 @@ class FakeKube:
             self.remove_job(name)
             return {"kind": "Status", "status": "Success"}
 
-        return self._call("delete_job", act)
+        return self._call("delete_job", act, name)
 
     def remove_job(self, name: str) -> None:
         """The Job and (background propagation) its Pods go."""

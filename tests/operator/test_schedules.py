@@ -264,6 +264,7 @@ class Schedule:
         self.fractions: dict[str, float] = {}
         self.jobs: list[str] = []
         self.statuses: dict[str, str] = {}  # as the last check saw them
+        self.room: dict[str, tuple[int, int]] = {}  # code → uses and seconds left, likewise
         self.job_code: dict[str, CreditCode] = {}
 
         self.root = env.root / f"s{seed}"
@@ -329,6 +330,7 @@ class Schedule:
         self.note(f"faults {self.faults}, settings max_running_jobs="
                   f"{self.settings.max_running_jobs} max_attempts={self.settings.max_attempts}")  # fmt: skip
         try:
+            self.check()
             for _ in range(STEPS):
                 self.step()
                 self.check()
@@ -346,11 +348,11 @@ class Schedule:
     def step(self) -> None:
         self.clock += self.rng.uniform(0.2, 3.0)
         self.kube.seconds = self.clock
-        choices = self.gateway_steps(submit=6, cancel=3, poll=2)
+        choices = self.gateway_steps(submit=3.5, cancel=3, poll=2)
         choices.append((0.5, self.change_faults))
         if self.operator_up:
             choices += self.kopf_steps()
-            choices += [(8, self.reconcile), (0.6, self.crash)]
+            choices += [(7, self.reconcile), (0.6, self.crash)]
         else:
             choices.append((3, self.restart))
         choices += self.cluster_steps()
@@ -441,9 +443,10 @@ class Schedule:
 
     # --- faults -----------------------------------------------------------------------------
 
-    def api_hook(self, verb: str, when: str) -> None:
+    def api_hook(self, verb: str, when: str, name: str) -> None:
         if when == "after" and verb in MUTATIONS:
-            self.note(f"  {verb}")
+            name, _, detail = name.partition(" ")
+            self.note(f"  {verb} {self.name(job_id_of(name))} {detail}")
         if self.actor == "operator":
             if self.rng.random() < self.faults.crash:
                 self.count(f"crash at {verb} {when}")
@@ -501,8 +504,14 @@ class Schedule:
 
     def submit(self) -> None:
         self.actor = "gateway"
-        code = self.rng.choice(self.codes)
-        seconds = round(self.rng.uniform(1, 90), 1)
+        # Mostly what a code can still pay for; now and then what it cannot (402).
+        room = [code for code in self.codes if min(self.room.get(code.id, (0, 0))) >= 1]
+        if room and self.rng.random() < 0.85:
+            code = self.rng.choice(room)
+            seconds = round(self.rng.uniform(1, min(90, self.room[code.id][1])), 1)
+        else:
+            code = self.rng.choice(self.codes)
+            seconds = round(self.rng.uniform(1, 90), 1)
         job_id = f"tr_{self.rng.getrandbits(64):016x}"
         key = jobfiles.audio_key(job_id)
         try:
@@ -675,6 +684,7 @@ class Schedule:
         self.operator_up = True
         self.backoff = Backoff(base=5.0)
         self.accepted.clear()
+        self.first_body.clear()
         self.note("operator restarted")
 
     # --- the cluster ------------------------------------------------------------------------
@@ -1007,6 +1017,7 @@ class Schedule:
                 for fmt in FORMATS:
                     if not self.blobs.exists(jobfiles.transcript_key(job_id, fmt)):
                         raise Broken(f"{job_id} succeeded but its {fmt} transcript is gone")
+        self.room = {row[0]: (row[5] - row[4], row[1] - row[2] - row[3]) for row in codes}
         for code_id, budget, reserved, spent_seconds, used, max_uses in codes:
             counters = (budget, reserved, spent_seconds, used)
             if sums.get(code_id) != counters:
@@ -1108,7 +1119,6 @@ def _seeds() -> list[int]:
     return list(range(1, SCHEDULES + 1))
 
 
-TABLES = ", ".join(name for name in Base.metadata.tables)
 
 
 #: What a full run must have exercised at least once, lest the schedules quietly stop reaching
@@ -1136,7 +1146,8 @@ def test_random_schedules_keep_the_money_right(env: Env) -> None:
     seeds = _seeds()
     for seed in seeds:
         with env.oracle.transaction() as session:
-            session.execute(text(f"TRUNCATE {TABLES}"))
+            for table in reversed(Base.metadata.sorted_tables):
+                session.execute(table.delete())
         sim = Schedule(seed, env)
         env.current.append(sim)
         try:

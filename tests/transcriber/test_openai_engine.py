@@ -36,6 +36,7 @@ from transcriber.mp3chunks import plan_chunks
 from transcription import jobfiles
 from transcription.blobstore import LocalBlobStore
 from transcription.errors import TranscriptionFailed
+from transcription.jobfiles import JobFiles
 from transcription.settings import WorkerSettings
 
 MAX_WER = 0.15
@@ -314,7 +315,8 @@ def test_a_job_whose_chunks_are_all_checkpointed_sends_nothing_again(
     tmp_path: Path, whisper_server: WhisperServer, fault_proxy: StartProxy
 ) -> None:
     proxy = fault_proxy(whisper_server.root)
-    store = BlobCheckpoints(LocalBlobStore(tmp_path / "blobs"), jobfiles.checkpoint_prefix("tr_test"))
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    store = BlobCheckpoints(blobs, jobfiles.checkpoint_prefix("tr_test"))
     engine = engine_for(proxy.base_url)
     first = engine.transcribe(SPEECH, checkpoints=store)
     sent = len(proxy.transcriptions())
@@ -324,4 +326,7 @@ def test_a_job_whose_chunks_are_all_checkpointed_sends_nothing_again(
     assert again.text == first.text and again.segments == first.segments
     assert again.extra["resumed_chunks"] == again.extra["chunks"] == sent
     assert progress[-1] == pytest.approx(first.duration)
-    assert store.clear() == sent
+    # One checkpoint per chunk, all under the work prefix that the job's final tidy removes.
+    assert len(blobs.list(jobfiles.checkpoint_prefix("tr_test"))) == sent
+    JobFiles(blobs).tidy("tr_test", transcripts=False)
+    assert blobs.list("jobs/tr_test") == []

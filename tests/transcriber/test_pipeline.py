@@ -225,7 +225,9 @@ def test_missing_audio_is_reported_as_such(store: BlobStore) -> None:
 
 
 @pytest.mark.parametrize(
-    "content", [b"", b"ID3\x03\x00", random.Random(7).randbytes(20_000)], ids=["empty", "id3", "noise"]
+    "content",
+    [b"", b"ID3\x03\x00", random.Random(7).randbytes(20_000)],
+    ids=["empty", "id3", "noise"],
 )
 def test_audio_the_engine_cannot_decode_gives_a_rejected_result(
     blobs: LocalBlobStore, content: bytes

@@ -74,9 +74,7 @@ def test_a_run_request_travels_in_the_environment(db: Database) -> None:
     code_id = issue(db, 100).record.id
     new = new_job(code_id, 12.5)
     with db.transaction() as session:
-        job = submit(
-            session, replace(new, language="de", prompt="Grüße, Ärzte", mode="accurate")
-        )
+        job = submit(session, replace(new, language="de", prompt="Grüße, Ärzte", mode="accurate"))
     request = RunRequest.of(job)
     assert request == RunRequest(
         job_id=job.id,
@@ -206,7 +204,9 @@ def test_finishing_removes_the_work_files_and_keeps_the_transcripts(
 
 
 @pytest.mark.parametrize("how", ["fail", "cancel queued", "cancel running", "worker lost"])
-def test_a_job_that_did_not_succeed_leaves_no_files(db: Database, store: BlobStore, how: str) -> None:
+def test_a_job_that_did_not_succeed_leaves_no_files(
+    db: Database, store: BlobStore, how: str
+) -> None:
     lifecycle = Lifecycle(db, store)
     code_id = issue(db, 100).record.id
     job = submit_job(db, code_id, 30)

@@ -283,12 +283,15 @@ class LedgerMachine(RuleBasedStateMachine):
     @precondition(has_jobs)
     @rule(data=st.data(), fraction=st.floats(0, 1), where=st.sampled_from(["db", "record"]))
     def progress(self, data: st.DataObject, fraction: float, where: str) -> None:
-        """The embedded worker reports progress to the database; a transcriber pod writes its
-        record to the blob store (which only a running job's cancellation reads)."""
+        """A worker reports progress to the database (only while the job is running and, with
+        a lease, its own); a transcriber pod writes its record to the blob store (which only a
+        running job's cancellation reads)."""
         job_id, job = self._pick_job(data)
         if where == "db":
-            assert self.lifecycle.progress(job_id, fraction) is (job.status is JobStatus.RUNNING)
-            if job.status is JobStatus.RUNNING:
+            owner = data.draw(OWNERS, label="owner")
+            taken = job.status is JobStatus.RUNNING and owner in (None, job.lease_owner)
+            assert self.lifecycle.progress(job_id, fraction, lease_owner=owner) is taken
+            if taken:
                 job.progress = fraction
             return
         if job.finished:
@@ -343,7 +346,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self._end(job, JobStatus.CANCELLED)
         if job.credit is CreditState.HELD:
             charged = charge(done, job.audio_seconds, job.reserved)
-            # The rule itself: at least progress × audio seconds (rounded up), within the hold.
+            # The rule itself: at least progress * audio seconds (rounded up), within the hold.
             assert charged >= min(job.reserved, job.progress * job.audio_seconds - 1e-6)
             self._resolved(job, CreditState.SETTLED, charged)
         assert (result.status, result.credit_state, result.charged_seconds) == (
@@ -373,15 +376,18 @@ class LedgerMachine(RuleBasedStateMachine):
         held = job.status is JobStatus.RUNNING and job.lease_owner == owner
         assert self.lifecycle.renew(job_id, owner, LEASE_SECONDS) is held
 
-    @rule(expired=st.booleans())
-    def expire_leases(self, expired: bool) -> None:
-        """Every worker stops renewing (``expired``), or the check runs while leases are live.
+    @rule(expired=st.booleans(), unleased=st.booleans())
+    def expire_leases(self, expired: bool, unleased: bool) -> None:
+        """Every worker stops renewing (``expired``), or the check runs while leases are live;
+        a process owning the database also takes running jobs without a lease (``unleased``).
         A lost job goes back to the queue, or past the attempts fails and is refunded."""
         now = utcnow() + timedelta(seconds=LEASE_SECONDS * (2 if expired else -1))
-        requeued = self.lifecycle.expire_leases(MAX_ATTEMPTS, now=now)
+        requeued = self.lifecycle.expire_leases(MAX_ATTEMPTS, now=now, unleased=unleased)
         expected = []
         for job_id, job in self.job_models.items():
-            if not expired or job.status is not JobStatus.RUNNING or job.lease_owner is None:
+            if job.status is not JobStatus.RUNNING:
+                continue
+            if not (unleased if job.lease_owner is None else expired):
                 continue
             if job.attempts >= MAX_ATTEMPTS:
                 job.error_code = WORKER_LOST
@@ -394,6 +400,18 @@ class LedgerMachine(RuleBasedStateMachine):
                 job.lease_owner = None
                 job.progress = 0.0
         assert sorted(requeued) == sorted(expected)
+
+    @precondition(has_jobs)
+    @rule(data=st.data())
+    def begin_attempt(self, data: st.DataObject) -> None:
+        """The operator creates a Job for the job: one more attempt, unless it finished."""
+        job_id, job = self._pick_job(data)
+        count = self.lifecycle.begin_attempt(job_id)
+        if job.finished:
+            assert count is None
+            return
+        job.attempts += 1
+        assert count == job.attempts
 
     @precondition(has_finished_jobs)
     @rule(data=st.data())

@@ -235,7 +235,7 @@ def test_cancelling_a_queued_job_refunds_it_and_returns_the_use(
 def test_cancelling_a_running_job_charges_what_was_transcribed(
     db: Database, lifecycle: Lifecycle
 ) -> None:
-    """Cancelled at 52 % of 600 s: ceil(0.52 × 600) = 312 s are charged, the rest released,
+    """Cancelled at 52 % of 600 s: ceil(0.52 * 600) = 312 s are charged, the rest released,
     and the use stays spent, so a single-use code cannot start another job."""
     code_id = issue(db, 1000).record.id
     job = submit_job(db, code_id, 600)
@@ -344,12 +344,16 @@ def test_cancelling_after_success_changes_nothing(db: Database, lifecycle: Lifec
     assert lifecycle.cancel(job.id) is None
     assert credit(lifecycle.get(job.id)) == (JobStatus.SUCCEEDED, CreditState.SETTLED, 30)
     assert len(stored_transcripts(db, job.id)) == 1
-    assert counters(db, code_id) == before == {
-        "budget": 100,
-        "reserved": 0,
-        "spent": 30,
-        "uses": 1,
-    }
+    assert (
+        counters(db, code_id)
+        == before
+        == {
+            "budget": 100,
+            "reserved": 0,
+            "spent": 30,
+            "uses": 1,
+        }
+    )
 
 
 def test_failure_releases_everything_and_keeps_the_error(
@@ -387,7 +391,9 @@ def test_a_long_error_message_is_cut_to_fit(db: Database, lifecycle: Lifecycle) 
 # --- leases ---------------------------------------------------------------------------------
 
 
-def test_an_expired_lease_puts_the_job_back_in_the_queue(db: Database, lifecycle: Lifecycle) -> None:
+def test_an_expired_lease_puts_the_job_back_in_the_queue(
+    db: Database, lifecycle: Lifecycle
+) -> None:
     """A worker that stops renewing loses the job: it is queued again with its credit held,
     and the lost worker can no longer finish, fail or renew it."""
     code_id = issue(db, 100).record.id
@@ -463,6 +469,61 @@ def test_expiry_leaves_live_leases_and_leaseless_jobs_alone(
         JobStatus.QUEUED,
     ]
     assert lifecycle.renew(leaseless, "worker-a", LEASE) is False
+
+
+def test_a_database_owner_takes_back_leaseless_running_jobs_too(
+    db: Database, lifecycle: Lifecycle
+) -> None:
+    """``unleased``: the only process on a database knows a running job without a lease has no
+    worker (it was left by a server older than leases); out of attempts it fails instead."""
+    code_id = issue(db, 1000, max_uses=5).record.id
+    leaseless, spent, live = (submit_job(db, code_id, 10).id for _ in range(3))
+    lifecycle.start(leaseless)
+    for _ in range(2):
+        lifecycle.begin_attempt(spent)
+    lifecycle.start(spent)
+    lifecycle.start(live, lease_owner="worker-a", lease_seconds=LEASE)
+
+    assert lifecycle.expire_leases(2, unleased=True) == [leaseless]
+    assert lifecycle.get(leaseless).status == JobStatus.QUEUED
+    failed = lifecycle.get(spent)
+    assert (failed.status, failed.error_code) == (JobStatus.FAILED, WORKER_LOST)
+    assert lifecycle.get(live).status == JobStatus.RUNNING
+    assert counters(db, code_id) == {"budget": 1000, "reserved": 20, "spent": 0, "uses": 2}
+
+
+def test_a_renewed_lease_is_not_taken_back(db: Database, lifecycle: Lifecycle) -> None:
+    """Expiry takes a job only if its lease is still the expired one it saw: the worker that
+    renewed meanwhile (or a new worker that started it) keeps it."""
+    code_id = issue(db, 100).record.id
+    job = submit_job(db, code_id, 30)
+    lifecycle.start(job.id, lease_owner="worker-a", lease_seconds=LEASE)
+    later = utcnow() + timedelta(seconds=LEASE + 1)
+    with db.transaction() as session:
+        # The worker renewed past ``later`` after the check's clock was read.
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id)
+            .values(lease_expires_at=later + timedelta(seconds=LEASE))
+        )
+    assert lifecycle.expire_leases(1, now=later) == []
+    stored = lifecycle.get(job.id)
+    assert (stored.status, stored.lease_owner) == (JobStatus.RUNNING, "worker-a")
+
+
+def test_progress_from_a_worker_that_lost_the_job_is_refused(
+    db: Database, lifecycle: Lifecycle
+) -> None:
+    job = submit_job(db, issue(db, 100).record.id, 30)
+    lifecycle.start(job.id, lease_owner="worker-a", lease_seconds=LEASE)
+    assert lifecycle.progress(job.id, 0.3, lease_owner="worker-a") is True
+    assert lifecycle.progress(job.id, 0.9, lease_owner="worker-b") is False
+    assert lifecycle.get(job.id).progress == 0.3
+    lifecycle.expire_leases(3, now=utcnow() + timedelta(seconds=LEASE + 1))
+    lifecycle.start(job.id, lease_owner="worker-b", lease_seconds=LEASE)
+    assert lifecycle.progress(job.id, 0.9, lease_owner="worker-a") is False
+    assert lifecycle.progress(job.id, 0.1, lease_owner="worker-b") is True
+    assert lifecycle.get(job.id).progress == 0.1
 
 
 def test_only_the_lease_holder_can_finish_or_fail_a_job(db: Database, lifecycle: Lifecycle) -> None:

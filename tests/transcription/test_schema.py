@@ -292,9 +292,7 @@ def seed_0001(db: Database) -> dict[str, str]:
     return jobs
 
 
-def test_migration_0002_upgrades_a_database_holding_data(
-    bare_db: Database, tmp_path: Any
-) -> None:
+def test_migration_0002_upgrades_a_database_holding_data(bare_db: Database, tmp_path: Any) -> None:
     db = bare_db
     upgrade(db.engine, "0001")
     assert current_revision(db.engine) == "0001"
@@ -347,20 +345,24 @@ def test_migration_0002_upgrades_a_database_holding_data(
     issue(db, 10)  # the new code path writes beside the old rows
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A job 0001 left running has no lease, so expire_leases never re-queues it: after the "
-    "upgrade the embedded runner (which resumed such jobs with requeue_interrupted) leaves it "
-    "running with its credit held for ever.",
-)
-def test_a_job_left_running_before_the_upgrade_runs_again(
-    bare_db: Database, tmp_path: Any
-) -> None:
+def test_a_job_left_running_before_the_upgrade_runs_again(bare_db: Database, tmp_path: Any) -> None:
+    """0001 had no leases: a job it left running is taken back by the process that owns the
+    database (the embedded runner at start, ``unleased``), and by nothing else (in the cluster
+    the operator runs leaseless jobs)."""
     db = bare_db
     upgrade(db.engine, "0001")
     jobs = seed_0001(db)
     upgrade(db.engine)
     lifecycle = Lifecycle(db, LocalBlobStore(tmp_path / "blobs"))
-    # What the embedded runner does on start when it owns the data directory.
-    lifecycle.expire_leases(3, now=utcnow() + timedelta(days=1))
-    assert lifecycle.get(jobs["running"]).status == JobStatus.QUEUED
+    later = utcnow() + timedelta(days=1)
+    assert lifecycle.expire_leases(3, now=later) == []
+    assert lifecycle.get(jobs["running"]).status == JobStatus.RUNNING
+    assert lifecycle.expire_leases(3, now=later, unleased=True) == [jobs["running"]]
+    requeued = lifecycle.get(jobs["running"])
+    assert (requeued.status, requeued.progress, requeued.credit_state) == (
+        JobStatus.QUEUED,
+        0.0,
+        CreditState.HELD,
+    )
+    assert lifecycle.queued_ids() == [jobs["queued"], jobs["running"]]
+    assert counters(db, "cc_old") == {"budget": 1000, "reserved": 200, "spent": 100, "uses": 3}
