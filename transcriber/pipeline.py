@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from transcriber.checkpoints import BlobCheckpoints
-from transcriber.engines.base import Engine, is_resumable
+from transcriber.engines.base import Engine
 from transcription import jobfiles
 from transcription.blobstore import BlobNotFound, BlobStore
 from transcription.errors import DomainError, EngineUnavailable
@@ -105,21 +105,13 @@ class Pipeline:
     def _transcribe(
         self, request: RunRequest, path: Path, reporter: ProgressReporter
     ) -> TranscriptResult:
-        if is_resumable(self.engine):
-            return self.engine.transcribe(
-                path,
-                language=request.language,
-                prompt=request.prompt,
-                mode=request.mode,
-                on_progress=reporter,
-                checkpoints=BlobCheckpoints(self.blobs, jobfiles.checkpoint_prefix(request.job_id)),
-            )
         return self.engine.transcribe(
             path,
             language=request.language,
             prompt=request.prompt,
             mode=request.mode,
             on_progress=reporter,
+            checkpoints=BlobCheckpoints(self.blobs, jobfiles.checkpoint_prefix(request.job_id)),
         )
 
     @contextmanager

@@ -19,10 +19,9 @@ from mutagen.mp3 import MPEGInfo
 from transcription.errors import AudioTooLong, EmptyAudio, UndecodableAudio, UnsupportedMediaType
 
 HEAD_BYTES = 64 * 1024
-"""How much of the start of a file ``sniff_mp3`` wants to see."""
+"""How much of the audio after its ID3v2 tags ``probe_mp3`` reads to recognise the format."""
 
 _MAX_JUNK = 4096  # bytes of garbage tolerated before the first frame, after tags and zero padding
-_ENOUGH_TO_JUDGE = 2 * _MAX_JUNK  # head bytes after the tags that a verdict needs
 _MIN_SECONDS = 0.1  # less than this is a click, not something to transcribe
 _CHAIN = 3  # consecutive consistent frame headers that make random bytes implausible
 _DECODE_RUNS = 8  # places spread through the file where a few packets are really decoded
@@ -60,18 +59,6 @@ class AudioInfo:
     sample_rate: int
     channels: int
     bitrate: int | None  # average bits per second of the audio frames
-
-
-def sniff_mp3(head: bytes) -> bool:
-    """Whether ``head`` (the first ``HEAD_BYTES`` of a file) starts an MP3 stream.
-
-    ID3v2 tags (cover art) that leave too little of a full-size head to judge are given the
-    benefit of the doubt here; ``probe_mp3`` reads past them.
-    """
-    start = _skip_id3v2(head)
-    if start > 0 and len(head) >= HEAD_BYTES and len(head) - start < _ENOUGH_TO_JUDGE:
-        return True
-    return _mp3_frames_at(head, start)
 
 
 def probe_mp3(path: Path, *, max_seconds: float) -> AudioInfo:
@@ -221,13 +208,6 @@ def _id3v2_length(data: bytes) -> int | None:
         return None
     size = data[6] << 21 | data[7] << 14 | data[8] << 7 | data[9]  # "syncsafe": 7 bits a byte
     return 10 + size + (10 if data[5] & 0x10 else 0)
-
-
-def _skip_id3v2(head: bytes) -> int:
-    offset = 0
-    while (length := _id3v2_length(head[offset : offset + 10])) is not None:
-        offset += length
-    return offset
 
 
 def _mp3_frames_at(data: bytes, start: int) -> bool:

@@ -308,18 +308,21 @@ class Lifecycle:
 
         A queued job is refunded in full and its use given back. A running job is charged the
         audio already transcribed (at least progress times audio seconds, rounded up), the rest is
-        released, and the use stays spent."""
+        released, and the use stays spent. A job whose run has reported progress counts as
+        running even if the database still says queued (in the cluster the operator may not
+        have seen its pod start yet)."""
         reported = self.files.read_progress(job_id)
+        began = reported is not None and (reported.seconds_done > 0 or reported.fraction > 0)
         with self.db.transaction() as session:
-            job = _transition(
-                session, job_id, JobStatus.CANCELLED, allowed=frozenset({JobStatus.QUEUED})
-            )
+            job = None
+            if not began:
+                job = _transition(
+                    session, job_id, JobStatus.CANCELLED, allowed=frozenset({JobStatus.QUEUED})
+                )
             if job is not None:
                 ledger.release(session, job_id)
             else:
-                job = _transition(
-                    session, job_id, JobStatus.CANCELLED, allowed=frozenset({JobStatus.RUNNING})
-                )
+                job = _transition(session, job_id, JobStatus.CANCELLED, allowed=UNFINISHED)
                 if job is None:
                     return None
                 done = max(

@@ -125,8 +125,10 @@ def reconcile_pass(ctx: Context, backoff: Backoff) -> World:
             # Finished in the database (cancelled, or settled before a crash cut the status).
             _guarded(backoff, job_id, conclude, ctx, tj, world.job_of(tj))
     admit, repair = select(list(world.tjs.values()), list(world.jobs.values()), ctx.settings)
-    for tj in repair + admit:
-        _guarded(backoff, tj["metadata"]["name"], admit_one, ctx, tj)
+    for tj in repair:
+        _guarded(backoff, tj["metadata"]["name"], admit_one, ctx, tj, False)
+    for tj in admit:
+        _guarded(backoff, tj["metadata"]["name"], admit_one, ctx, tj, True)
     return world
 
 
@@ -240,12 +242,7 @@ def replace_vanished_job(ctx: Context, db_job: Job, tj: dict[str, Any]) -> None:
         finish_with(ctx, db_job, result)
         return
     if db_job.attempts >= ctx.settings.max_attempts:
-        ctx.lifecycle.fail(
-            db_job.id,
-            code="job_lost",
-            message=f"The transcriber Job disappeared {db_job.attempts} times before finishing; "
-            "the credit was refunded.",
-        )
+        fail_lost(ctx, db_job)
         return
     meta = tj["metadata"]
     queued = {"phase": Phase.QUEUED.value, "jobName": None, "message": "The Job disappeared; "
@@ -259,6 +256,15 @@ def replace_vanished_job(ctx: Context, db_job: Job, tj: dict[str, Any]) -> None:
     ):
         ctx.post_event(tj, "JobLost", "The Job disappeared; queued to run again.", warning=True)
         tj["status"] = {**(tj.get("status") or {}), **queued}
+
+
+def fail_lost(ctx: Context, db_job: Job) -> None:
+    ctx.lifecycle.fail(
+        db_job.id,
+        code="job_lost",
+        message=f"The transcriber Job disappeared {db_job.attempts} times before finishing; "
+        "the credit was refunded.",
+    )
 
 
 def copy_progress(ctx: Context, db_job: Job) -> bool:
@@ -381,8 +387,15 @@ def select(
     return waiting[:free], has_job
 
 
-def admit_one(ctx: Context, tj: dict[str, Any]) -> None:
-    """Create the TranscriptionJob's Job (an existing one counts as created) and report it."""
+def admit_one(ctx: Context, tj: dict[str, Any], new: bool = True) -> None:
+    """Create the TranscriptionJob's Job (an existing one counts as created) and report it;
+    ``new`` when the pass saw no Job for it.
+
+    No Job is created once the job's attempts are used up: a ``new`` one fails instead, since
+    its earlier Jobs all vanished, some perhaps before the status named them (a status write
+    lost to a conflict, a re-created TranscriptionJob) so ``replace_vanished_job`` never saw
+    them go; for one whose Job was seen, only the status is written (if that Job vanished since,
+    the next pass sees it gone)."""
     meta = tj["metadata"]
     job_id = job_id_of(meta["name"])
     assert job_id is not None  # only accepted TranscriptionJobs are ever Queued
@@ -390,15 +403,20 @@ def admit_one(ctx: Context, tj: dict[str, Any]) -> None:
     if JobStatus(db_job.status).finished:
         publish(ctx, tj, None, None)
         return
+    exhausted = db_job.attempts >= ctx.settings.max_attempts
+    if new and exhausted:
+        fail_lost(ctx, db_job)
+        return
     spec = TranscriptionJobSpec.model_validate(tj["spec"])
     manifest = builders.transcriber_job(tj, RunRequest.of(db_job), spec, ctx.settings)
-    try:
-        ctx.batch.create_namespaced_job(meta["namespace"], manifest)  # type: ignore[arg-type]
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-    else:
-        ctx.lifecycle.begin_attempt(job_id)
+    if not exhausted:
+        try:
+            ctx.batch.create_namespaced_job(meta["namespace"], manifest)  # type: ignore[arg-type]
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        else:
+            ctx.lifecycle.begin_attempt(job_id)
     status = cr_status(
         tj.get("status") or {},
         phase=Phase.PENDING,

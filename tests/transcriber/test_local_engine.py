@@ -34,7 +34,7 @@ def engine() -> LocalEngine:
 def runs(engine: LocalEngine) -> Runs:
     """Each mode transcribes the fixture once, recording progress; tests share the results."""
     out: Runs = {}
-    for mode in ("fast", "accurate"):
+    for mode in Mode:
         progress: list[float] = []
         out[mode] = (engine.transcribe(SPEECH, mode=mode, on_progress=progress.append), progress)
     return out
@@ -56,7 +56,7 @@ def test_local_engine_satisfies_the_protocol(engine: LocalEngine) -> None:
 
 @pytest.mark.slow
 def test_fast_mode_is_batched_and_accurate_enough(runs: Runs) -> None:
-    result, _ = runs["fast"]
+    result, _ = runs[Mode.FAST]
     assert wer(REFERENCE, result.text) <= MAX_WER, result.text
     assert (result.mode, result.model, result.language) == ("fast", "tiny.en", "en")
     assert result.extra["batched"] is True
@@ -65,7 +65,7 @@ def test_fast_mode_is_batched_and_accurate_enough(runs: Runs) -> None:
 
 @pytest.mark.slow
 def test_accurate_mode_decodes_in_order_with_previous_text(runs: Runs) -> None:
-    result, _ = runs["accurate"]
+    result, _ = runs[Mode.ACCURATE]
     assert wer(REFERENCE, result.text) <= MAX_WER, result.text
     assert result.mode == "accurate"
     assert result.extra["batched"] is False
@@ -77,13 +77,13 @@ def test_accurate_mode_decodes_in_order_with_previous_text(runs: Runs) -> None:
 def test_one_engine_loads_the_model_once_for_several_jobs(engine: LocalEngine, runs: Runs) -> None:
     """``runs`` used the engine in both modes; more jobs load nothing: one load per precision."""
     engine.transcribe(SPEECH)
-    engine.transcribe(SPEECH, mode="accurate")
+    engine.transcribe(SPEECH, mode=Mode.ACCURATE)
     assert engine.loads == 2
     assert engine.compute_types == {"fast": "int8", "accurate": "float32"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fast", "accurate"])
+@pytest.mark.parametrize("mode", list(Mode))
 def test_progress_is_monotonic_and_ends_at_the_duration(runs: Runs, mode: Mode) -> None:
     result, progress = runs[mode]
     with av.open(str(SPEECH)) as container:
@@ -96,7 +96,7 @@ def test_progress_is_monotonic_and_ends_at_the_duration(runs: Runs, mode: Mode) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["fast", "accurate"])
+@pytest.mark.parametrize("mode", list(Mode))
 def test_segments_are_ordered_and_within_the_audio(runs: Runs, mode: Mode) -> None:
     result, _ = runs[mode]
     starts = [s.start for s in result.segments]

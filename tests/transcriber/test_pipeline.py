@@ -60,6 +60,7 @@ class ScriptedEngine:
         prompt: str | None = None,
         mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
+        checkpoints: Checkpoints | None = None,
     ) -> TranscriptResult:
         self.calls.append(
             {"audio": audio.read_bytes(), "language": language, "prompt": prompt, "mode": mode}
@@ -89,7 +90,7 @@ class ResumableScriptedEngine(ScriptedEngine):
 
     resumable: Literal[True] = True
 
-    def transcribe(  # type: ignore[override]
+    def transcribe(
         self,
         audio: Path,
         *,

@@ -18,6 +18,7 @@ from tests.speech import repeated_speech
 from transcriber.engines import default_threads
 from transcriber.engines.local import LocalEngine, _timed_sentences
 from transcription.blobstore.local import LocalBlobStore
+from transcription.states import Mode
 
 SPEECH = Path(__file__).parents[1] / "data" / "speech.mp3"
 
@@ -62,13 +63,13 @@ def test_accurate_mode_gives_the_decoder_the_previous_text(
     monkeypatch.setattr(WhisperModel, "get_prompt", recording)
     engine = LocalEngine(cpu_threads=default_threads())
 
-    accurate = engine.transcribe(audio, mode="accurate")
+    accurate = engine.transcribe(audio, mode=Mode.ACCURATE)
     assert accurate.extra["condition_on_previous_text"] is True
     assert len(context) >= 2 and context[0] == 0
     assert all(n > 0 for n in context[1:]), context
 
     context.clear()
-    fast = engine.transcribe(audio, mode="fast")
+    fast = engine.transcribe(audio, mode=Mode.FAST)
     assert fast.extra["condition_on_previous_text"] is False
     assert context and all(n == 0 for n in context), context
 

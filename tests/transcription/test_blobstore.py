@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -12,7 +13,7 @@ import textwrap
 import threading
 import tracemalloc
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -29,29 +30,18 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
     return open_blob_store(request.getfixturevalue("gcs_bucket_url"))
 
 
-class GeneratedStream(io.RawIOBase):
-    """``size`` pseudo-random bytes made on demand and hashed as they go, in short reads of at
-    most ``max_read`` bytes and with no seek or tell: like a request body read off a socket."""
-
-    def __init__(self, size: int, max_read: int = 64 * 1024) -> None:
-        self.remaining = size
-        self.max_read = max_read
-        self.sha256 = hashlib.sha256()
-        self._block = hashlib.sha256(b"seed").digest() * (max_read // 32 + 1)
-        self._counter = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        n = min(self.max_read, self.remaining)
-        if size is not None and size >= 0:
-            n = min(n, size)
-        self._counter += 1
-        chunk = (self._counter.to_bytes(8, "big") + self._block)[:n]
-        self.sha256.update(chunk)
-        self.remaining -= n
-        return chunk
+def _write_generated_file(path: Path, size: int) -> str:
+    """Write ``size`` pseudo-random bytes to ``path`` a block at a time, readable by others (so
+    a local store copies it rather than hard-linking it); return their SHA-256."""
+    digest = hashlib.sha256()
+    block = hashlib.sha256(b"seed").digest() * (1024 * 1024 // 32)
+    with path.open("wb") as f:
+        for counter in range(-(-size // len(block))):
+            chunk = (counter.to_bytes(8, "big") + block)[: min(len(block), size - f.tell())]
+            digest.update(chunk)
+            f.write(chunk)
+    path.chmod(0o644)
+    return digest.hexdigest()
 
 
 def _sha256_of(store: BlobStore, key: str) -> tuple[str, int]:
@@ -73,13 +63,12 @@ def test_put_bytes_round_trip(store: BlobStore) -> None:
     assert uri == store.uri(KEY)
     assert store.get_bytes(KEY) == b"ID3 audio bytes"
     assert store.exists(KEY)
-    assert store.size(KEY) == len(b"ID3 audio bytes")
+    assert len(store.get_bytes(KEY)) == len(b"ID3 audio bytes")
 
 
 def test_empty_blob_round_trip(store: BlobStore, tmp_path: Path) -> None:
     store.put_bytes("empty.txt", b"")
     assert store.exists("empty.txt")
-    assert store.size("empty.txt") == 0
     assert store.get_bytes("empty.txt") == b""
     with store.open("empty.txt") as f:
         assert f.read() == b""
@@ -98,31 +87,18 @@ def test_put_file_and_download_round_trip(store: BlobStore, tmp_path: Path) -> N
     assert dest.read_bytes() == data
 
 
-def test_put_stream_round_trip_with_short_reads(store: BlobStore) -> None:
-    stream = GeneratedStream(300_000, max_read=7_000)
-    store.put_stream(KEY, cast(BinaryIO, stream))
-    assert _sha256_of(store, KEY) == (stream.sha256.hexdigest(), 300_000)
-
-
-def test_put_stream_starts_at_the_current_position(store: BlobStore) -> None:
-    stream = io.BytesIO(b"header|body")
-    stream.read(len(b"header|"))
-    store.put_stream(KEY, stream)
-    assert store.get_bytes(KEY) == b"body"
-
-
-def test_put_stream_of_50_mb_stays_in_bounded_memory(store: BlobStore) -> None:
+def test_put_file_of_50_mb_stays_in_bounded_memory(store: BlobStore, tmp_path: Path) -> None:
     size = 50 * 1024 * 1024
-    stream = GeneratedStream(size)
+    src = tmp_path / "big.mp3"
+    sha256 = _write_generated_file(src, size)
     tracemalloc.start()
     try:
-        store.put_stream(KEY, cast(BinaryIO, stream))
+        store.put_file(KEY, src)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < size // 3, f"peak Python allocation {peak / 2**20:.1f} MiB"
-    assert store.size(KEY) == size
-    assert _sha256_of(store, KEY) == (stream.sha256.hexdigest(), size)
+    assert _sha256_of(store, KEY) == (sha256, size)
 
 
 def test_open_reads_in_pieces(store: BlobStore) -> None:
@@ -139,7 +115,7 @@ def test_overwrite_replaces_content(store: BlobStore) -> None:
     store.put_bytes(KEY, b"a much longer first version")
     store.put_bytes(KEY, b"short")
     assert store.get_bytes(KEY) == b"short"
-    assert store.size(KEY) == 5
+    assert len(store.get_bytes(KEY)) == 5
     assert store.list("jobs") == [KEY]
 
 
@@ -181,7 +157,6 @@ def test_missing_key_raises_blob_not_found(store: BlobStore, tmp_path: Path) -> 
         lambda: store.open(missing),
         lambda: store.get_bytes(missing),
         lambda: store.download(missing, dest),
-        lambda: store.size(missing),
     ):
         with pytest.raises(BlobNotFound) as info:
             call()
@@ -261,8 +236,8 @@ def test_local_writes_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "blobs" / KEY).stat().st_mode) == 0o600
 
 
-class FailingStream(io.RawIOBase):
-    """Yields some bytes, then fails the way a dropped upload connection does."""
+class FailingReader(io.RawIOBase):
+    """Yields some bytes, then fails the way a disk that goes bad mid-read does."""
 
     def __init__(self) -> None:
         self.sent = False
@@ -272,20 +247,33 @@ class FailingStream(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         if self.sent:
-            raise ConnectionResetError("client went away")
+            raise OSError(errno.EIO, "Input/output error")
         self.sent = True
         buffer[:5] = b"part-"
         return 5
 
 
-def test_local_writes_are_atomic(tmp_path: Path) -> None:
+def test_local_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "blobs"
     store = open_blob_store(str(root))
     store.put_bytes(KEY, b"complete transcript")
-    with pytest.raises(ConnectionResetError):
-        store.put_stream(KEY, cast(BinaryIO, FailingStream()))
     with pytest.raises(FileNotFoundError):
-        store.put_file("jobs/tr_abc/other.mp3", tmp_path / "no-such-file")
+        store.put_file(KEY, tmp_path / "no-such-file")
+
+    # A readable-by-others source is copied, not linked; make its read fail halfway.
+    bad = tmp_path / "bad.mp3"
+    bad.write_bytes(b"part-of-a-new-version")
+    bad.chmod(0o644)
+    real_open = Path.open
+
+    def open_failing(self: Path, *args: Any, **kwargs: Any) -> Any:
+        return FailingReader() if self == bad else real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        store.put_file(KEY, bad)
+    monkeypatch.undo()
+
     assert store.get_bytes(KEY) == b"complete transcript"
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [KEY]
     assert store.list("") == [KEY]

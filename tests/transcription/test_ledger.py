@@ -9,6 +9,7 @@ import re
 import string
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import func, inspect, select, text
@@ -49,7 +50,7 @@ def new_job(code_id: str, audio_seconds: float) -> NewJob:
     )
 
 
-def issue(db: Database, seconds: int, max_uses: int = 1, **options: object) -> ledger.IssuedCode:
+def issue(db: Database, seconds: int, max_uses: int = 1, **options: Any) -> ledger.IssuedCode:
     """Issue a code in its own transaction."""
     with db.transaction() as session:
         return ledger.issue_code(session, KEY, seconds=seconds, max_uses=max_uses, **options)

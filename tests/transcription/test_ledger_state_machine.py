@@ -47,7 +47,7 @@ from transcription.errors import (
 )
 from transcription.jobfiles import JobFiles
 from transcription.lifecycle import WORKER_LOST, Lifecycle, submit
-from transcription.states import CreditState, JobStatus
+from transcription.states import CreditState, EntryKind, JobStatus
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 #: Few codes per example, so operations meet on the same code and invariants stay cheap.
@@ -336,7 +336,8 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def _cancel(self, job_id: str, job: JobModel) -> None:
         result = self.lifecycle.cancel(job_id)
-        if job.status is not JobStatus.RUNNING:
+        began = job.record is not None and (job.record[0] > 0 or job.record[1] > 0)
+        if job.finished or (job.status is JobStatus.QUEUED and not began):
             self._finished(job, JobStatus.CANCELLED, result)
             return
         assert result is not None
@@ -531,10 +532,13 @@ class LedgerMachine(RuleBasedStateMachine):
             }
             assert totals[code_id] == stored
 
-    def _check_jobs(self, jobs: dict[str, Job], entries: Sequence[Row[tuple[str, str]]]) -> None:
+    def _check_jobs(
+        self, jobs: dict[str, Job], entries: Sequence[Row[str | None, EntryKind]]
+    ) -> None:
         """Per job: the model's status and credit state, and one ledger row per movement."""
         kinds: dict[str, list[str]] = defaultdict(list)
         for job_id, kind in entries:
+            assert job_id is not None
             kinds[job_id].append(kind)
         assert jobs.keys() == self.job_models.keys()
         for job_id, job in jobs.items():
@@ -563,7 +567,7 @@ class LedgerMachine(RuleBasedStateMachine):
             assert sorted(kinds[job_id]) == expected
 
 
-class TestLedgerStateMachine(LedgerMachine.TestCase):
+class TestLedgerStateMachine(LedgerMachine.TestCase):  # type: ignore[misc, valid-type]
     """Hypothesis runs the machine; every example shares the schema of one ``pg_db``."""
 
     @pytest.fixture(autouse=True)

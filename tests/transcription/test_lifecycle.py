@@ -320,6 +320,18 @@ def test_cancel_uses_the_records_fraction_and_never_charges_past_the_reservation
     assert counters(db, code_id) == {"budget": 1000, "reserved": 0, "spent": 250, "uses": 2}
 
 
+def test_a_job_still_queued_in_the_database_but_transcribing_is_charged_on_cancel(
+    db: Database, lifecycle: Lifecycle, blobs: LocalBlobStore
+) -> None:
+    code_id = issue(db, 3600).record.id
+    job = submit_job(db, code_id, 3600)
+    JobFiles(blobs).write_progress(job.id, 0.99, 3564)  # the pod ran; the operator did not look
+    cancelled = lifecycle.cancel(job.id)
+    assert cancelled is not None and cancelled.charged_seconds is not None
+    assert cancelled.charged_seconds >= 0.99 * 3600
+    assert counters(db, code_id)["uses"] == 1
+
+
 def test_cancel_ignores_an_unreadable_progress_record(
     db: Database, lifecycle: Lifecycle, blobs: LocalBlobStore
 ) -> None:
@@ -604,12 +616,11 @@ def test_start_is_claimed_by_exactly_one_of_two_racing_workers(
     code_id = issue(db, 1000, max_uses=5).record.id
     for _ in range(5):
         job_id = submit_job(db, code_id, 10).id
-        claims = run_together(
-            2,
-            lambda index, job_id=job_id: lifecycle.start(
-                job_id, lease_owner=f"worker-{index}", lease_seconds=LEASE
-            ),
-        )
+
+        def take(index: int, job_id: str = job_id) -> Job | None:
+            return lifecycle.start(job_id, lease_owner=f"worker-{index}", lease_seconds=LEASE)
+
+        claims = run_together(2, take)
         winners = [claim for claim in claims if claim is not None]
         assert len(winners) == 1
         assert winners[0].status == JobStatus.RUNNING

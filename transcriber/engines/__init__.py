@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import os
 
-from transcriber.engines.base import (
-    Checkpoints,
-    Engine,
-    Mode,
-    ProgressCallback,
-    ResumableEngine,
-    is_resumable,
-)
+from transcriber.engines.base import Checkpoints, Engine, Mode, ProgressCallback
 from transcription.settings import WorkerSettings
 
 __all__ = [
@@ -19,11 +12,9 @@ __all__ = [
     "Engine",
     "Mode",
     "ProgressCallback",
-    "ResumableEngine",
     "build_engine",
     "default_concurrency",
     "default_threads",
-    "is_resumable",
 ]
 
 

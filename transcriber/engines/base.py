@@ -4,30 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, Protocol, TypeGuard
+from typing import Protocol
 
 from transcription.states import Mode
 from transcription.transcript import TranscriptResult
 
 ProgressCallback = Callable[[float], None]
 """Called with the seconds of audio processed so far; values never decrease."""
-
-
-class Engine(Protocol):
-    """Turns one audio file into a transcript; ``name`` and ``model`` are reported with the job."""
-
-    name: str
-    model: str
-
-    def transcribe(
-        self,
-        audio: Path,
-        *,
-        language: str | None = None,
-        prompt: str | None = None,
-        mode: Mode = Mode.FAST,
-        on_progress: ProgressCallback | None = None,
-    ) -> TranscriptResult: ...
 
 
 class Checkpoints(Protocol):
@@ -40,11 +23,14 @@ class Checkpoints(Protocol):
         """Store ``data`` under ``name``, replacing any earlier record."""
 
 
-class ResumableEngine(Engine, Protocol):
-    """An engine that saves each finished part of a job and, when the same job runs again,
-    reuses the saved parts instead of redoing them."""
+class Engine(Protocol):
+    """Turns one audio file into a transcript; ``name`` and ``model`` are reported with the job.
 
-    resumable: Literal[True]
+    An engine that works in parts may save each finished part to ``checkpoints`` and, when the
+    same job runs again, reuse the saved parts instead of redoing them."""
+
+    name: str
+    model: str
 
     def transcribe(
         self,
@@ -56,8 +42,3 @@ class ResumableEngine(Engine, Protocol):
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
     ) -> TranscriptResult: ...
-
-
-def is_resumable(engine: Engine) -> TypeGuard[ResumableEngine]:
-    """Whether ``engine`` takes ``checkpoints``; engines written before resuming existed do not."""
-    return getattr(engine, "resumable", False) is True

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import av
 
-from transcriber.engines.base import ProgressCallback
+from transcriber.engines.base import Checkpoints, ProgressCallback
 from transcription.errors import TranscriptionFailed
 from transcription.states import Mode
 from transcription.transcript import Segment, TranscriptResult
@@ -139,6 +139,8 @@ class LocalEngine:
         prompt: str | None = None,
         mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
+        # Unused: this engine decodes the audio in one pass and has no parts to resume.
+        checkpoints: Checkpoints | None = None,
     ) -> TranscriptResult:
         """Transcribe ``audio``; ``fast`` decodes VAD chunks in batches, ``accurate`` in order
         with the previous text as context."""

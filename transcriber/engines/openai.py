@@ -30,7 +30,6 @@ from transcription.states import Mode
 from transcription.transcript import Segment, TranscriptResult
 
 DEFAULT_MODEL = "whisper-1"
-SUPPORTED_MODELS = ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 PROMPT_CHARS = 800
 """Whisper reads only the last 224 tokens of a prompt (about 4 characters each)."""
 TAIL_CHARS = 500
@@ -96,7 +95,6 @@ class OpenAIEngine:
     """Sends the audio to an OpenAI-compatible transcription endpoint in concurrent chunks."""
 
     name = "openai"
-    resumable: Literal[True] = True
 
     def __init__(
         self,

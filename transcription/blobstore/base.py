@@ -33,9 +33,6 @@ class BlobStore(Protocol):
     def put_bytes(self, key: str, data: bytes, *, content_type: str | None = None) -> str:
         """Store ``data``; return the blob's URI."""
 
-    def put_stream(self, key: str, stream: BinaryIO, *, content_type: str | None = None) -> str:
-        """Store what ``stream`` yields from its current position to EOF, in bounded memory."""
-
     def open(self, key: str) -> AbstractContextManager[BinaryIO]:
         """Open the blob for streaming reads."""
 
@@ -50,9 +47,6 @@ class BlobStore(Protocol):
 
     def exists(self, key: str) -> bool:
         """Whether a blob is stored under ``key``."""
-
-    def size(self, key: str) -> int:
-        """The blob's size in bytes."""
 
     def delete(self, key: str) -> None:
         """Remove the blob; a missing key is not an error."""

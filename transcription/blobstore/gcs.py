@@ -33,30 +33,6 @@ def _make_client() -> storage.Client:
     return storage.Client(project=project)
 
 
-class _FullReads:
-    """Adapts any readable stream to what resumable uploads expect: ``tell()`` counting from 0,
-    and a short read only at EOF (a socket's short read would otherwise end the upload early)."""
-
-    def __init__(self, stream: BinaryIO) -> None:
-        self._stream = stream
-        self._pos = 0
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._stream.read(size)
-        if 0 < len(data) < size:
-            parts = [data]
-            remaining = size - len(data)
-            while remaining and (part := self._stream.read(remaining)):
-                parts.append(part)
-                remaining -= len(part)
-            data = b"".join(parts)
-        self._pos += len(data)
-        return data
-
-
 class GCSBlobStore:
     """Blobs as objects named ``prefix/key`` in one bucket, through one shared client."""
 
@@ -104,13 +80,6 @@ class GCSBlobStore:
         )
         return self.uri(key)
 
-    def put_stream(self, key: str, stream: BinaryIO, *, content_type: str | None = None) -> str:
-        # No size: the library then uploads resumably, one CHUNK_SIZE piece at a time.
-        self._upload_blob(key).upload_from_file(
-            _FullReads(stream), content_type=content_type or _guess_type(key)
-        )
-        return self.uri(key)
-
     def open(self, key: str) -> BinaryIO:
         blob = self._bucket.get_blob(self._name(key))
         if blob is None:
@@ -142,12 +111,6 @@ class GCSBlobStore:
 
     def exists(self, key: str) -> bool:
         return bool(self._blob(key).exists())
-
-    def size(self, key: str) -> int:
-        blob = self._bucket.get_blob(self._name(key))
-        if blob is None:
-            raise self._not_found(key)
-        return int(blob.size)
 
     def delete(self, key: str) -> None:
         # Deleting is idempotent here, so it is safe to retry unconditionally.

@@ -121,11 +121,6 @@ class LocalBlobStore:
             dst.write(data)
         return self.uri(key)
 
-    def put_stream(self, key: str, stream: BinaryIO, *, content_type: str | None = None) -> str:
-        with self._writer(key) as dst:
-            shutil.copyfileobj(stream, dst, _COPY_BUFFER)
-        return self.uri(key)
-
     def open(self, key: str) -> BinaryIO:
         path = self._path(key)
         try:
@@ -147,12 +142,6 @@ class LocalBlobStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
-
-    def size(self, key: str) -> int:
-        path = self._path(key)
-        if not path.is_file():
-            raise BlobNotFound(key, path.as_uri())
-        return path.stat().st_size
 
     def delete(self, key: str) -> None:
         with suppress(*_NOT_A_FILE):
