@@ -21,7 +21,7 @@ from pydantic import Field
 from transcriber.engines import Engine, build_engine
 from transcriber.pipeline import AudioMissing, JobCancelled, Pipeline
 from transcription.blobstore import open_blob_store
-from transcription.errors import EngineUnavailable
+from transcription.errors import DomainError
 from transcription.jobfiles import JobFiles, RunRequest
 from transcription.resources import USER_ERROR_EXIT
 from transcription.settings import WorkerSettings
@@ -98,8 +98,9 @@ def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = 
     except (AudioMissing, JobCancelled):
         # The job was finished and tidied before or while this pod ran: nothing is left to do.
         outcome["outcome"] = "skipped"
-    except EngineUnavailable as exc:
-        # Not the audio's fault: let the Job's backoffLimit retry; checkpoints make it resume.
+    except DomainError as exc:
+        # The engine's fault, not the audio's: let the Job's backoffLimit retry; checkpoints
+        # make it resume.
         outcome.update(outcome="retrying", error={"code": exc.code, "message": exc.message})
         code = 1
     except Exception as exc:

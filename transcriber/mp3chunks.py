@@ -18,7 +18,7 @@ import av
 import av.error
 import numpy as np
 
-from transcription.errors import TranscriptionFailed
+from transcription.errors import TranscriptionFailed, UndecodableAudio
 
 SEARCH_SECONDS = 15.0
 """How far from the ideal cut (either way) to look for a quiet point; at most a quarter of the
@@ -80,11 +80,11 @@ def read_frames(path: Path) -> list[Frame]:
                 frames.append(Frame(packet.pos, packet.size, clock, duration))
                 clock += duration
     except (av.error.FFmpegError, IndexError) as exc:
-        raise TranscriptionFailed(
+        raise UndecodableAudio(
             f"Could not split {path.name}: the audio could not be read ({exc})."
         ) from exc
     if not frames:
-        raise TranscriptionFailed(f"Could not split {path.name}: it holds no MP3 audio frames.")
+        raise UndecodableAudio(f"Could not split {path.name}: it holds no MP3 audio frames.")
     return frames
 
 

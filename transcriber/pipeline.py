@@ -20,7 +20,7 @@ from transcriber.checkpoints import BlobCheckpoints
 from transcriber.engines.base import Engine
 from transcription import jobfiles
 from transcription.blobstore import BlobNotFound, BlobStore
-from transcription.errors import DomainError, EngineUnavailable
+from transcription.errors import InvalidAudio
 from transcription.jobfiles import RunError, RunRequest, RunResult
 from transcription.transcript import FORMATS, MEDIA_TYPES, TranscriptResult, render
 
@@ -71,15 +71,14 @@ class Pipeline:
 
     def run(self, request: RunRequest, progress: ProgressSink) -> RunResult:
         """Transcribe the job's audio and store its transcripts. Audio the engine cannot use
-        gives a ``rejected`` result; ``JobCancelled``, ``AudioMissing`` and faults a retry may
-        cure (``EngineUnavailable``, crashes) propagate."""
+        (``InvalidAudio``, the user's fault) gives a ``rejected`` result; ``JobCancelled``,
+        ``AudioMissing`` and the engine's own faults (``TranscriptionFailed``, crashes)
+        propagate."""
         reporter = ProgressReporter(progress, request.audio_seconds, self.progress_interval)
         try:
             with self._audio_file(request.audio_key) as path:
                 result = self._transcribe(request, path, reporter)
-        except (EngineUnavailable, JobCancelled, AudioMissing):
-            raise
-        except DomainError as exc:
+        except InvalidAudio as exc:
             return RunResult(
                 job_id=request.job_id,
                 outcome="rejected",

@@ -943,20 +943,23 @@ class Schedule:
         return self.env.probe.execute(ROW, {"id": job_id}).first()
 
     def check_cancel(self, job_id: str, before: Any, reported: jobfiles.Progress | None) -> None:
-        """A cancel of a queued job refunds it and gives the use back; of a running one it
-        charges at least what the database and the pod's record say was transcribed, rounded
-        up, and never more than was reserved; the use stays spent."""
+        """A cancel of a queued job refunds it and gives the use back; of a running one (the
+        database says so, or its run has reported progress) it charges at least what the
+        database and the run's record say was transcribed, rounded up, never more than was
+        reserved, and the use stays spent."""
         after = self.row(job_id)
         if before is None or after is None or JobStatus(before.status).finished:
             return
         if after.status != JobStatus.CANCELLED:
             return  # the cancel failed (a fault); nothing moved
+        began = reported is not None and (reported.fraction > 0 or reported.seconds_done > 0)
+        running = before.status == JobStatus.RUNNING or began
         self.note(
             f"cancelled {self.name(job_id)} ({before.status}, progress {before.progress:.2f}, "
             f"record {reported.fraction if reported else None}) charged {after.charged_seconds}"
         )
-        self.count(f"cancel of a {before.status} job")
-        if before.status == JobStatus.QUEUED:
+        self.count(f"cancel of a {'running' if running else 'queued'} job")
+        if not running:
             if after.credit_state != CreditState.RELEASED or after.charged_seconds != 0:
                 raise Broken(f"cancelling queued {job_id} did not refund it: {after}")
             return
@@ -968,9 +971,9 @@ class Schedule:
             least <= after.charged_seconds <= before.reserved_seconds
         ):
             raise Broken(
-                f"cancelling running {job_id} ({done:.2f} s transcribed, "
-                f"{before.reserved_seconds} s reserved) charged {after.charged_seconds} "
-                f"({after.credit_state})"
+                f"cancelling running {job_id} ({before.status} in the database, {done:.2f} s "
+                f"transcribed, {before.reserved_seconds} s reserved) charged "
+                f"{after.charged_seconds} ({after.credit_state})"
             )
 
     def check(self) -> None:

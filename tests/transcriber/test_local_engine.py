@@ -14,7 +14,7 @@ import pytest
 from tests.wer import wer
 from transcriber.engines.base import Engine, Mode
 from transcriber.engines.local import LocalEngine, ModelUnavailable, resolve_model
-from transcription.errors import TranscriptionFailed
+from transcription.errors import TranscriptionFailed, UndecodableAudio
 from transcription.transcript import TranscriptResult
 
 DATA = Path(__file__).parents[1] / "data"
@@ -154,13 +154,14 @@ def test_missing_bundled_package_is_explained(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize("content", [None, b"ID3\x03\x00", random.Random(7).randbytes(20_000)])
-def test_undecodable_audio_fails_the_transcription(
+def test_undecodable_audio_is_the_audio_s_fault(
     engine: LocalEngine, tmp_path: Path, content: bytes | None
 ) -> None:
     audio = tmp_path / "broken.mp3"
     if content is not None:
         audio.write_bytes(content)
-    with pytest.raises(TranscriptionFailed, match="could not be decoded"):
+    # The audio's fault, not the engine's: the job is refused, not retried.
+    with pytest.raises(UndecodableAudio, match="could not be decoded"):
         engine.transcribe(audio)
 
 

@@ -21,7 +21,7 @@ from transcriber.pipeline import RUNNING_PROGRESS_CAP, AudioMissing, JobCancelle
 from transcription import jobfiles
 from transcription.blobstore import BlobStore, LocalBlobStore, open_blob_store
 from transcription.db.session import Database
-from transcription.errors import EngineUnavailable, UsesExhausted
+from transcription.errors import EngineUnavailable, TranscriptionFailed, UsesExhausted
 from transcription.jobfiles import JobFiles, RunRequest
 from transcription.lifecycle import Lifecycle
 from transcription.states import CreditState, JobStatus, Mode
@@ -239,13 +239,16 @@ def test_audio_the_engine_cannot_decode_gives_a_rejected_result(
     upload(blobs, request, content)
     result = Pipeline(blobs, LocalEngine()).run(request, Reports())
     assert result.outcome == "rejected"
-    assert result.error is not None and result.error.code == "transcription_failed"
+    assert result.error is not None and result.error.code == "audio_undecodable"
     assert "could not be decoded" in result.error.message
     assert (result.text, result.uris, result.engine) == ("", {}, "local")
     assert blobs.list(f"jobs/{request.job_id}") == [request.audio_key]
 
 
-@pytest.mark.parametrize("error", [EngineUnavailable("rate limited"), RuntimeError("a bug")])
+@pytest.mark.parametrize(
+    "error",
+    [EngineUnavailable("rate limited"), TranscriptionFailed("model broke"), RuntimeError("a bug")],
+)
 def test_faults_a_retry_may_cure_propagate(blobs: LocalBlobStore, error: Exception) -> None:
     request = request_for()
     upload(blobs, request)

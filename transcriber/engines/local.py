@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import av
 
 from transcriber.engines.base import Checkpoints, ProgressCallback
-from transcription.errors import TranscriptionFailed
+from transcription.errors import TranscriptionFailed, UndecodableAudio
 from transcription.states import Mode
 from transcription.transcript import Segment, TranscriptResult
 
@@ -344,9 +344,12 @@ def _guarded(pieces: Iterable[_T], audio: Path) -> Iterator[_T]:
         raise _failure(audio, exc) from exc
 
 
-def _failure(audio: Path, exc: Exception) -> TranscriptionFailed:
+def _failure(audio: Path, exc: Exception) -> TranscriptionFailed | UndecodableAudio:
+    """The audio's fault (it does not decode) or the engine's, told apart for the job's error."""
     if isinstance(exc, av.error.FFmpegError):
-        reason = "the audio could not be decoded"
-    else:
-        reason = "the local Whisper engine failed"
-    return TranscriptionFailed(f"Could not transcribe {audio.name}: {reason} ({exc}).")
+        return UndecodableAudio(
+            f"Could not transcribe {audio.name}: the audio could not be decoded ({exc})."
+        )
+    return TranscriptionFailed(
+        f"Could not transcribe {audio.name}: the local Whisper engine failed ({exc})."
+    )
