@@ -278,7 +278,10 @@ class Lifecycle:
             )
             if result.language and not job.language:
                 job.language = result.language
-            ledger.settle(session, job_id, seconds_to_charge(result.duration_seconds, job))
+            # The audio transcribed is what the gateway measured by decoding the whole upload;
+            # the run's own figure is not trusted for money (a pod decoding hostile audio could
+            # under-report it).
+            ledger.settle(session, job_id, seconds_to_charge(job.audio_seconds, job))
             session.flush()
             session.refresh(job)
         log.info("job %s succeeded, charged %s s", job_id, job.charged_seconds)

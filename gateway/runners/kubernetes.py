@@ -47,14 +47,14 @@ class KubernetesJobRunner:
         operator's reconciliation creates it from the database, so a failure here is logged,
         not fatal: the job stays queued with its credit held until it runs."""
         assert self._custom is not None, "start() the runner first"
-        job = self.lc.get(job_id)
-        body = resources.transcription_job(
-            job_id=job_id,
-            namespace=self.namespace,
-            spec=resources.TranscriptionJobSpec.of(job),
-            submitted_at=job.created_at,
-        )
         try:
+            job = self.lc.get(job_id)
+            body = resources.transcription_job(
+                job_id=job_id,
+                namespace=self.namespace,
+                spec=resources.TranscriptionJobSpec.of(job),
+                submitted_at=job.created_at,
+            )
             self._custom.create_namespaced_custom_object(
                 resources.GROUP, resources.VERSION, self.namespace, resources.TJ_PLURAL, body
             )

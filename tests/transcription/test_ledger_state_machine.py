@@ -316,8 +316,9 @@ class LedgerMachine(RuleBasedStateMachine):
         job.progress = 1.0
         job.transcript = True
         if job.credit is CreditState.HELD:
+            # The measured length is charged, whatever the run reports (a pod is not trusted).
             self._resolved(
-                job, CreditState.SETTLED, charge(duration, job.audio_seconds, job.reserved)
+                job, CreditState.SETTLED, charge(job.audio_seconds, job.audio_seconds, job.reserved)
             )
         assert (result.status, result.credit_state, result.charged_seconds) == (
             JobStatus.SUCCEEDED,

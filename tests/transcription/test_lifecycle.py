@@ -77,8 +77,9 @@ def credit(job: Job) -> tuple[JobStatus, CreditState, int | None]:
 
 
 def test_a_job_runs_to_success_and_is_charged_once(db: Database, lifecycle: Lifecycle) -> None:
-    """Submit, start, progress and finish: the transcript appears, the audio is charged once,
-    and replaying the finish changes nothing."""
+    """Submit, start, progress and finish: the transcript appears, the audio measured at upload
+    is charged once (a run that reports less pays no less), and replaying the finish changes
+    nothing."""
     code_id = issue(db, 100).record.id
     job = submit_job(db, code_id, 42.3)
     assert (job.status, job.reserved_seconds) == (JobStatus.QUEUED, 43)
@@ -96,7 +97,7 @@ def test_a_job_runs_to_success_and_is_charged_once(db: Database, lifecycle: Life
 
     done = lifecycle.finish(job.id, run_result(job.id, 41.2), lease_owner="worker-a")
     assert done is not None
-    assert credit(done) == (JobStatus.SUCCEEDED, CreditState.SETTLED, 42)
+    assert credit(done) == (JobStatus.SUCCEEDED, CreditState.SETTLED, 43)
     assert (done.progress, done.language, done.lease_owner, done.lease_expires_at) == (
         1.0,
         "en",
@@ -114,15 +115,15 @@ def test_a_job_runs_to_success_and_is_charged_once(db: Database, lifecycle: Life
     assert row.uris == {"txt": f"file:///blobs/jobs/{job.id}/transcript.txt"}
     visible = lifecycle.transcript(job.id)
     assert visible is not None and visible.id == row.id
-    assert counters(db, code_id) == {"budget": 100, "reserved": 0, "spent": 42, "uses": 1}
+    assert counters(db, code_id) == {"budget": 100, "reserved": 0, "spent": 43, "uses": 1}
 
     # A replay (the operator finishing again, a second worker) is a no-op.
     assert lifecycle.finish(job.id, run_result(job.id, 10)) is None
     assert lifecycle.finish(job.id, run_result(job.id, 10), lease_owner="worker-a") is None
     assert len(stored_transcripts(db, job.id)) == 1
     assert entries(db, job.id, "settle") == 1
-    assert credit(lifecycle.get(job.id)) == (JobStatus.SUCCEEDED, CreditState.SETTLED, 42)
-    assert counters(db, code_id) == {"budget": 100, "reserved": 0, "spent": 42, "uses": 1}
+    assert credit(lifecycle.get(job.id)) == (JobStatus.SUCCEEDED, CreditState.SETTLED, 43)
+    assert counters(db, code_id) == {"budget": 100, "reserved": 0, "spent": 43, "uses": 1}
 
 
 def test_a_queued_job_can_finish(db: Database, lifecycle: Lifecycle) -> None:
