@@ -8,7 +8,7 @@ from typing import Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from transcription.db.models import CreditCode, Job, Transcript
-from transcription.states import JobStatus
+from transcription.states import CodeState, JobStatus
 from transcription.transcript import FORMATS
 
 T = TypeVar("T")
@@ -43,7 +43,7 @@ class TranscriptionOut(BaseModel):
 
     id: str
     object: Literal["transcription"] = "transcription"
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     progress: float = Field(ge=0, le=1)
     filename: str | None
     mode: str
@@ -115,7 +115,7 @@ class CreditsOut(BaseModel):
     object: Literal["credit_code"] = "credit_code"
     label: str | None
     hint: str = Field(description="The code's last characters, to tell codes apart.")
-    state: Literal["active", "exhausted", "expired", "revoked"]
+    state: CodeState
     budget_seconds: int
     reserved_seconds: int
     spent_seconds: int

@@ -9,8 +9,9 @@ from typing import Annotated, Any, BinaryIO
 
 import typer
 
-FORMATS = ("txt", "srt", "vtt", "json")
-FINISHED = ("succeeded", "failed", "cancelled")
+from transcription.states import FINISHED, Mode
+from transcription.transcript import OutputFormat
+
 RECONNECT_SECONDS = 120.0
 
 
@@ -58,10 +59,14 @@ def submit(
         Path | None,
         typer.Option("-o", "--output", help="Save the transcript here (implies --wait)."),
     ] = None,
-    fmt: Annotated[str, typer.Option("--format", help="txt, srt, vtt or json.")] = "txt",
+    fmt: Annotated[
+        OutputFormat, typer.Option("--format", help="txt, srt, vtt or json.")
+    ] = OutputFormat.TXT,
     language: Annotated[str | None, typer.Option(help="Spoken language, e.g. en.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Words or spellings to expect.")] = None,
-    mode: Annotated[str, typer.Option(help="fast (batched) or accurate (sequential).")] = "fast",
+    mode: Annotated[
+        Mode, typer.Option(help="fast (batched) or accurate (sequential).")
+    ] = Mode.FAST,
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retry-safe key: resubmitting it never charges twice.")
     ] = None,
@@ -72,12 +77,12 @@ def submit(
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    if fmt not in FORMATS:
-        raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
     headers = {"Authorization": f"Bearer {code}"}
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
-    data = {k: v for k, v in {"language": language, "prompt": prompt, "mode": mode}.items() if v}
+    data = {
+        k: v for k, v in {"language": language, "prompt": prompt, "mode": mode.value}.items() if v
+    }
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -122,7 +122,7 @@ def _crd(
 def transcription_job_crd() -> dict[str, Any]:
     return _crd(
         kind="TranscriptionJob",
-        plural="transcriptionjobs",
+        plural=resources.TJ_PLURAL,
         short="tj",
         description="One mp3 to transcribe with Whisper, paid for by a credit code.",
         spec=resources.TranscriptionJobSpec,
@@ -149,7 +149,7 @@ def transcription_job_crd() -> dict[str, Any]:
 def credit_code_crd() -> dict[str, Any]:
     return _crd(
         kind="CreditCode",
-        plural="creditcodes",
+        plural=resources.CC_PLURAL,
         short="cc",
         description="A prepaid credit code; the operator mints it into a Secret of the same owner.",
         spec=resources.CreditCodeSpec,
