@@ -84,6 +84,18 @@ class Context:
             raise
         return True
 
+    def patch_tj_status(self, tj: dict[str, Any], status: dict[str, Any]) -> bool:
+        """Merge ``status`` into the TranscriptionJob only if it is still the version read, so
+        news written meanwhile (by another step) is never overwritten with older news."""
+        meta = tj["metadata"]
+        return self.patch_status(
+            resources.TJ_PLURAL,
+            meta["namespace"],
+            meta["name"],
+            status,
+            resource_version=meta["resourceVersion"],
+        )
+
     def post_event(
         self, involved: dict[str, Any], reason: str, message: str, *, warning: bool = False
     ) -> None:

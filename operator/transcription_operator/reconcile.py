@@ -244,16 +244,12 @@ def replace_vanished_job(ctx: Context, db_job: Job, tj: dict[str, Any]) -> None:
     if db_job.attempts >= ctx.settings.max_attempts:
         fail_lost(ctx, db_job)
         return
-    meta = tj["metadata"]
-    queued = {"phase": Phase.QUEUED.value, "jobName": None, "message": "The Job disappeared; "
-              "queued to run again."}  # fmt: skip
-    if ctx.patch_status(
-        resources.TJ_PLURAL,
-        meta["namespace"],
-        meta["name"],
-        queued,
-        resource_version=meta["resourceVersion"],
-    ):
+    queued = {
+        "phase": Phase.QUEUED.value,
+        "jobName": None,
+        "message": "The Job disappeared; queued to run again.",
+    }
+    if ctx.patch_tj_status(tj, queued):
         ctx.post_event(tj, "JobLost", "The Job disappeared; queued to run again.", warning=True)
         tj["status"] = {**(tj.get("status") or {}), **queued}
 
@@ -316,13 +312,7 @@ def publish(
     )
     if new == old:
         return
-    if ctx.patch_status(
-        resources.TJ_PLURAL,
-        meta["namespace"],
-        meta["name"],
-        new,
-        resource_version=meta["resourceVersion"],
-    ):
+    if ctx.patch_tj_status(tj, new):
         if old.get("phase") != phase:
             ctx.post_event(tj, reason, message, warning=phase == Phase.FAILED)
         if phase.finished and job is not None and not job_state(job).phase.finished:
@@ -428,13 +418,7 @@ def admit_one(ctx: Context, tj: dict[str, Any], new: bool = True) -> None:
         now=datetime.now(UTC),
     )
     # Only over the Queued version listed: newer news about the Job must not be overwritten.
-    if ctx.patch_status(
-        resources.TJ_PLURAL,
-        meta["namespace"],
-        meta["name"],
-        status,
-        resource_version=meta["resourceVersion"],
-    ):
+    if ctx.patch_tj_status(tj, status):
         ctx.post_event(tj, "Admitted", f"Created Job {manifest['metadata']['name']}.")
 
 
