@@ -77,6 +77,9 @@ class LocalJobRunner:
         self.exclusive = exclusive
         self.owner = f"{socket.gethostname()[:32]}:{os.getpid()}:{secrets.token_hex(4)}"
         self._queue: queue.Queue[str | None] = queue.Queue()
+        # IDs handed to the queue and not yet taken by a worker, so the sweep adds none twice.
+        self._pending: set[str] = set()
+        self._pending_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -87,8 +90,7 @@ class LocalJobRunner:
         # Far enough ahead that every lease a previous process held counts as expired.
         now = utcnow() + timedelta(days=1) if self.exclusive else None
         self.lc.expire_leases(self.max_attempts, now=now, unleased=self.exclusive)
-        for job_id in self.lc.queued_ids():
-            self._queue.put(job_id)
+        self._enqueue(self.lc.queued_ids())
         self._threads = [self._spawn(index) for index in range(self.concurrency)]
         self._supervisor = threading.Thread(
             target=self._supervise, name="whisper-supervisor", daemon=True
@@ -108,7 +110,14 @@ class LocalJobRunner:
         self._threads.clear()
 
     def submit(self, job_id: str) -> None:
-        self._queue.put(job_id)
+        self._enqueue([job_id])
+
+    def _enqueue(self, job_ids: list[str]) -> None:
+        with self._pending_lock:
+            for job_id in job_ids:
+                if job_id not in self._pending:
+                    self._pending.add(job_id)
+                    self._queue.put(job_id)
 
     def cancel(self, job_id: str) -> None:
         """Nothing to do here: the worker sees the cancelled status at its next progress write."""
@@ -130,10 +139,12 @@ class LocalJobRunner:
                     log.error("transcription worker %s died; starting a new one", index)
                     self._threads[index] = self._spawn(index)
             try:
-                for job_id in self.lc.expire_leases(self.max_attempts):
-                    self._queue.put(job_id)
+                self.lc.expire_leases(self.max_attempts)
+                # Level-based: every queued job in the database gets a turn, including those
+                # another server sharing the database accepted and then lost with its queue.
+                self._enqueue(self.lc.queued_ids())
             except Exception:
-                log.warning("could not expire leases; retrying", exc_info=True)
+                log.warning("could not expire leases or read the queue; retrying", exc_info=True)
 
     def _preload(self) -> None:
         load = getattr(self.pipeline.engine, "load", None)
@@ -151,6 +162,8 @@ class LocalJobRunner:
             job_id = self._queue.get()
             if job_id is None:
                 return
+            with self._pending_lock:
+                self._pending.discard(job_id)
             try:
                 self.run(job_id)
             except Exception:

@@ -25,6 +25,7 @@ from tests.fixtures.gateway import (
     submit,
     wait_for_job,
 )
+from transcription import jobfiles, ledger, lifecycle
 from transcription.lifecycle import WORKER_LOST
 
 #: Leases short enough that a dead worker's job is noticed within a second.
@@ -135,3 +136,29 @@ def test_a_job_that_kills_every_worker_fails_worker_lost_and_is_refunded(
     assert wait_for_job(client, issued.code, retry.json()["id"])["status"] == "succeeded"
     jobs = audit(services(client).db)
     assert (jobs[job_id].attempts, jobs[retry.json()["id"]].attempts) == (2, 1)
+
+
+def test_a_queued_job_no_runner_was_told_about_still_runs(
+    db_url: str, make_client: MakeClient, mp3_5s: Path
+) -> None:
+    """Level-based, not event-based: a job committed to the database whose hand-off to the
+    runner was lost (another server sharing the database died with it in its queue) is found
+    in the database and run, charged once."""
+    client = make_client(db_url=db_url, **QUICK_LEASES)
+    svc = services(client)
+    code = issue_code(client)
+    with svc.db.transaction() as session:
+        record = ledger.authenticate(session, svc.code_key, code.code)
+        job = lifecycle.submit(
+            session,
+            lifecycle.NewJob(
+                code_id=record.id, audio_key=jobfiles.audio_key("tr_00000000000000aa"),
+                audio_bytes=mp3_5s.stat().st_size, audio_seconds=5.0, filename="lost.mp3",
+                language=None, prompt=None, mode="fast", engine="local", model=None,
+                job_id="tr_00000000000000aa",
+            ),
+        )  # fmt: skip
+    svc.blobs.put_file(job.audio_key, mp3_5s)
+    done = wait_for_job(client, code.code, job.id)
+    assert (done["status"], done["charged_seconds"]) == ("succeeded", 5)
+    audit(svc.db)
