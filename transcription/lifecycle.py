@@ -285,7 +285,7 @@ class Lifecycle:
             session.flush()
             session.refresh(job)
         log.info("job %s succeeded, charged %s s", job_id, job.charged_seconds)
-        self.files.tidy(job_id, audio_key=job.audio_key, transcripts=False)
+        self.tidy(job)
         return job
 
     def fail(
@@ -296,15 +296,22 @@ class Lifecycle:
         with self.db.transaction() as session:
             job = _fail(session, job_id, code, message, lease_owner)
         if job is not None:
-            self.files.tidy(job_id, audio_key=job.audio_key, transcripts=True)
+            self.tidy(job)
         return job
+
+    def tidy(self, job: Job) -> None:
+        """Remove what a finished job no longer needs: its working files, and its transcripts
+        too unless it succeeded. Safe to repeat."""
+        self.files.tidy(
+            job.id, audio_key=job.audio_key, transcripts=job.status != JobStatus.SUCCEEDED
+        )
 
     def discard_leftovers(self, job_id: str) -> None:
         """Remove files a late run wrote for a job that ended without succeeding; a job that
         succeeded or is still unfinished keeps everything."""
         job = self.get(job_id)
         if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
-            self.files.tidy(job_id, audio_key=job.audio_key, transcripts=True)
+            self.tidy(job)
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel an unfinished job; None if it had already finished (no money moves then).
@@ -336,7 +343,7 @@ class Lifecycle:
                 ledger.settle(session, job_id, seconds_to_charge(done, job))
             session.refresh(job)
         log.info("job %s cancelled, charged %s s", job_id, job.charged_seconds)
-        self.files.tidy(job_id, audio_key=job.audio_key, transcripts=True)
+        self.tidy(job)
         return job
 
     def expire_leases(
@@ -393,7 +400,7 @@ class Lifecycle:
                     log.warning("job %s lost its worker; queued again", job_id)
                     requeued.append(job_id)
         for job in failed:
-            self.files.tidy(job.id, audio_key=job.audio_key, transcripts=True)
+            self.tidy(job)
         return requeued
 
     def mark_deleted(self, job_id: str) -> Job:

@@ -276,9 +276,8 @@ def conclude(ctx: Context, tj: dict[str, Any], job: dict[str, Any] | None) -> No
     job_id = job_id_of(tj["metadata"]["name"])
     assert job_id is not None
     db_job = ctx.lifecycle.get(job_id)
-    ctx.files.tidy(
-        job_id, audio_key=db_job.audio_key, transcripts=db_job.status != JobStatus.SUCCEEDED
-    )
+    if JobStatus(db_job.status).finished:
+        ctx.lifecycle.tidy(db_job)
     publish(ctx, tj, job)
 
 
