@@ -28,7 +28,9 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# "function" scope commits before the response is sent: a client that is told "created" can
+# use what it was told about at once (the default scope commits only after the response).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_read_session(services: ServicesDep) -> Iterator[Session]:
@@ -36,7 +38,7 @@ def get_read_session(services: ServicesDep) -> Iterator[Session]:
         yield session
 
 
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 
 
 def bearer_token(request: Request) -> str | None:

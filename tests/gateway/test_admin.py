@@ -7,23 +7,29 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 
+from gateway.app import create_app
 from tests.fixtures.gateway import (
     ADMIN,
+    ADMIN_TOKEN,
     BlockingEngine,
+    FixedEngine,
     MakeClient,
     SlowLoadingEngine,
     auth,
     credits,
     eventually,
     issue_code,
+    serve,
     services,
     submit,
 )
 from transcription.db.models import Base
+from transcription.settings import GatewaySettings
 
 
 @pytest.fixture
@@ -235,3 +241,20 @@ def test_readyz_stays_unready_when_the_model_cannot_load(make_client: MakeClient
     # The reason is named, so an operator reading the probe knows it will not come up by itself.
     assert response.json()["checks"]["runner"].startswith("error: ")
     assert "model.bin is missing" in response.json()["checks"]["runner"]
+
+
+def test_a_code_is_usable_the_moment_its_creation_is_answered(tmp_path: Path) -> None:
+    """The admin API commits before it answers: with every commit slowed down, the code it
+    returns works on the very next request (a real server; TestClient hides the ordering)."""
+    config = GatewaySettings(data_dir=tmp_path / "data", admin_token=ADMIN_TOKEN, concurrency=1)
+    app = create_app(config, engine=FixedEngine())
+    with serve(app) as url:
+        engine = app.state.services.db.engine
+        event.listen(engine, "commit", lambda _connection: time.sleep(0.5))
+        for _ in range(3):
+            created = httpx.post(
+                url + "/v1/admin/codes", json={"seconds": 60}, headers=ADMIN, timeout=30
+            )
+            assert created.status_code == 201, created.text
+            balance = httpx.get(url + "/v1/credits", headers=auth(created.json()["code"]))
+            assert balance.status_code == 200, balance.text

@@ -4,10 +4,9 @@ a real gateway (uvicorn) whose OpenAI engine talks to faster-whisper-server."""
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,21 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from openai.types.audio import Transcription, TranscriptionVerbose
 
 from gateway.app import create_app
 from gateway.services import Services
-from tests.fixtures.gateway import ADMIN, ADMIN_TOKEN, BlockingEngine, audit, auth, eventually
+from tests.fixtures.gateway import (
+    ADMIN,
+    ADMIN_TOKEN,
+    BlockingEngine,
+    audit,
+    auth,
+    eventually,
+    serve,
+)
 from tests.fixtures.openai_server import StartProxy, WhisperServer
-from tests.fixtures.server import free_port
 from tests.speech import SPEECH, script
 from tests.wer import wer
 from transcriber.engines.base import Engine
@@ -65,24 +70,6 @@ class Gateway:
         response = httpx.get(self.url + path, headers=auth(code), timeout=30)
         assert response.status_code == 200, response.text
         return response.json()
-
-
-@contextmanager
-def serve(app: FastAPI) -> Iterator[str]:
-    """Run ``app`` under uvicorn in a thread (lifespan included) until the block ends."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    try:
-        eventually(lambda: server.started or not thread.is_alive(), what="the gateway starting")
-        assert server.started, "the gateway did not start"
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 StartGateway = Callable[..., Gateway]
