@@ -4,7 +4,7 @@ pytest_plugins = [
     "tests.fixtures.database",
     "tests.fixtures.gcs",
     "tests.fixtures.audio",
-    "tests.fixtures.gateway",
     "tests.fixtures.server",
+    "tests.fixtures.gateway",
     "tests.fixtures.openai_server",
 ]

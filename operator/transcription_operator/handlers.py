@@ -66,11 +66,33 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     )
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.WARNING
+    # kopf would otherwise list namespaces and watch CRDs cluster-wide, which the chart's
+    # namespaced RBAC does not grant (it stalls a minute, then falls back): it serves the
+    # resources discovery finds at start, so the CRDs must be served before it goes on.
+    settings.scanning.disabled = True
     ctx = await asyncio.to_thread(Context.build, OperatorSettings())
+    await asyncio.to_thread(_require_crds, ctx)
     reconciler = Reconciler(ctx)
     memo.ctx = ctx
     memo.reconciler = reconciler
     memo.reconcile_task = asyncio.create_task(reconciler.run(), name="reconcile")
+
+
+def _require_crds(ctx: Context) -> None:
+    try:
+        served = {r.name for r in ctx.custom.get_api_resources(GROUP, VERSION).resources}
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        served = set()
+    missing = sorted({TJ_PLURAL, CC_PLURAL} - served)
+    if missing:
+        ctx.close()
+        raise kopf.TemporaryError(
+            f"The API server does not serve {', '.join(missing)} ({GROUP}/{VERSION}) yet: "
+            "install the CRDs (crds/ or the chart); retrying.",
+            delay=5,
+        )
 
 
 @kopf.on.cleanup()
