@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from transcription.states import EngineKind
@@ -49,7 +49,9 @@ class CoreSettings(BaseSettings):
     )
     code_secret: SecretStr | None = Field(
         None,
-        description="Key for hashing credit codes; default: generated once into <data dir>/code-secret.",
+        description="Key for hashing credit codes; default: generated once into "
+        "<data dir>/code-secret (the cluster shape requires it, as it does the database and "
+        "blob URLs).",
     )
     max_audio_seconds: int = Field(3600, ge=1, description="Longest audio accepted, in seconds.")
     max_upload_bytes: int = Field(
@@ -67,6 +69,24 @@ class CoreSettings(BaseSettings):
         description="Times a job is started before a lost worker or vanished Job fails it "
         "(refunded).",
     )
+
+    def _require_shared_state(self, who: str) -> None:
+        """Refuse the data-directory defaults where several pods must see one state."""
+        missing = [
+            name
+            for name, value in (
+                ("DATABASE_URL", self.database_url),
+                ("WHISPER_BLOB_URL", self.blob_url),
+                ("WHISPER_CODE_SECRET", self.code_secret and self.code_secret.get_secret_value()),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(
+                f"{who} needs {', '.join(missing)} set: pods share no data directory, so the "
+                "defaults kept in one (a SQLite file, a blob folder, a generated code key) would "
+                "differ from pod to pod, and a credit code minted by one would fail in another"
+            )
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -177,6 +197,12 @@ class GatewaySettings(WorkerSettings):
         "with the job ID to poll.",
     )
 
+    @model_validator(mode="after")
+    def _cluster_shares_state(self) -> Self:
+        if self.runner == "kubernetes":
+            self._require_shared_state("The kubernetes runner (WHISPER_RUNNER=kubernetes)")
+        return self
+
 
 class OperatorSettings(CoreSettings):
     """Settings of the kopf operator and of the transcriber Jobs it creates."""
@@ -218,6 +244,11 @@ class OperatorSettings(CoreSettings):
         description="Seconds between reconciliation passes (database, TranscriptionJobs and "
         "Jobs compared and repaired, progress copied) besides the event-driven ones.",
     )
+
+    @model_validator(mode="after")
+    def _cluster_shares_state(self) -> Self:
+        self._require_shared_state("The operator")
+        return self
 
     @property
     def jobs_namespace(self) -> str:

@@ -406,6 +406,9 @@ def admit_one(ctx: Context, tj: dict[str, Any], new: bool = True) -> None:
                 raise
         else:
             ctx.lifecycle.begin_attempt(job_id)
+            # Told whatever becomes of the status write below: a lost write (kopf's own
+            # annotations moved the object on) must not lose the news that the Job exists.
+            ctx.post_event(tj, "Admitted", f"Created Job {manifest['metadata']['name']}.")
     status = cr_status(
         tj.get("status") or {},
         phase=Phase.PENDING,
@@ -417,8 +420,7 @@ def admit_one(ctx: Context, tj: dict[str, Any], new: bool = True) -> None:
         now=datetime.now(UTC),
     )
     # Only over the Queued version listed: newer news about the Job must not be overwritten.
-    if ctx.patch_tj_status(tj, status):
-        ctx.post_event(tj, "Admitted", f"Created Job {manifest['metadata']['name']}.")
+    ctx.patch_tj_status(tj, status)
 
 
 class Reconciler:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import re
-import shlex
 import textwrap
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import kubernetes_validate
@@ -17,15 +16,18 @@ from pydantic_settings import BaseSettings
 from tests.charts.conftest import CHART, NAMESPACE, REQUIRED, ROOT, Helm, Render
 from transcription import resources
 from transcription.jobfiles import RunRequest
-from transcription.settings import GatewaySettings, OperatorSettings
+from transcription.settings import CoreSettings, GatewaySettings, OperatorSettings
 from transcription_operator import builders
+
+S = TypeVar("S", bound=BaseSettings)
 
 K8S_VERSION = "1.35.0"
 GSA = "whisper@my-project.iam.gserviceaccount.com"
 TRANSCRIBER_GSA = "whisper-transcriber@my-project.iam.gserviceaccount.com"
 GKE_VALUES = CHART / "ci" / "gke-values.yaml"
-GUIDE = ROOT / "docs" / "deploy-gke.md"
 SHAPES = {"default": REQUIRED, "gke": ("-f", str(GKE_VALUES))}
+GATEWAY, OPERATOR = "Deployment/whisper-gateway", "Deployment/whisper-operator"
+MIGRATE, TRANSCRIBER = "Job/whisper-migrate", "the operator's transcriber Job"
 #: Every optional part switched on, so each template renders in at least one test.
 EVERYTHING = (
     *REQUIRED,
@@ -34,7 +36,8 @@ EVERYTHING = (
     "--set", "gateway.httpRoute.enabled=true",
     "--set", "gateway.httpRoute.parentRefs[0].name=external",
     "--set", "gateway.autoscaling.enabled=true",
-    "--set", "adminToken.existingSecret=whisper",
+    "--set", "gateway.backendPolicy.enabled=true",
+    "--set", "adminToken.existingSecret=whisper-admin",
     "--set", "cloudSqlProxy.enabled=true",
     "--set", "cloudSqlProxy.instanceConnectionName=p:r:i",
     "--set", "operator.kueueQueueName=transcription",
@@ -66,6 +69,19 @@ def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def settings_of(cls: type[S], env: dict[str, Any]) -> S:
+    """``cls`` as the container would build it, each variable read from a Secret standing in as
+    ``secret:<name>/<key>``."""
+    values = {
+        name.removeprefix("WHISPER_").lower(): (
+            value if isinstance(value, str)
+            else "secret:{name}/{key}".format(**value["secretKeyRef"])
+        )
+        for name, value in env.items()
+    }  # fmt: skip
+    return cls.model_validate({k: v for k, v in values.items() if k in cls.model_fields})
 
 
 def crd_schema(objects: list[dict[str, Any]], kind: str) -> dict[str, Any]:
@@ -130,6 +146,16 @@ def test_every_rendered_object_is_valid_for_kubernetes_1_35(render: Render, shap
             assert backend["port"] == service["spec"]["ports"][0]["port"], where
             assert obj["spec"]["parentRefs"], where
             continue
+        if obj["apiVersion"] == "networking.gke.io/v1":
+            # GKE's own CRD, equally absent: check the policy targets the gateway Service in
+            # its namespace, within the CRD's bounds of timeoutSec.
+            assert obj["kind"] == "GCPBackendPolicy", where
+            target = obj["spec"]["targetRef"]
+            assert (target["group"], target["kind"]) == ("", "Service"), where
+            service = named(objects, "Service", target["name"])
+            assert service["metadata"]["namespace"] == obj["metadata"]["namespace"], where
+            assert 1 <= obj["spec"]["default"]["timeoutSec"] <= 2**31 - 1, where
+            continue
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -174,6 +200,7 @@ def test_crds_can_be_left_out_or_left_to_uninstall(render: Render) -> None:
         ("operator.reconcileInterval=fast", "/operator/reconcileInterval"),
         ("operator.maxAttempts=0", "/operator/maxAttempts"),
         ("transcriber.envSecret=Engine_Keys", "/transcriber/envSecret"),
+        ("gateway.backendPolicy.timeoutSec=0", "/gateway/backendPolicy/timeoutSec"),
     ],
 )
 def test_a_values_typo_fails_naming_it(helm: Helm, flag: str, named_in_error: str) -> None:
@@ -192,8 +219,12 @@ def test_a_values_typo_fails_naming_it(helm: Helm, flag: str, named_in_error: st
          "gateway.httpRoute.parentRefs needs at least one Gateway"),
         ((*REQUIRED, "--set", "database.existingSecret="), "/database/existingSecret"),
         # The database's (or the code key's) Secret as the transcriber's environment.
-        ((*REQUIRED, "--set", "transcriber.envSecret=whisper"),
-         "transcriber.envSecret \"whisper\" is the Secret of the database"),
+        ((*REQUIRED, "--set", "transcriber.envSecret=whisper-database"),
+         "transcriber.envSecret \"whisper-database\" is the Secret of the database"),
+        ((*REQUIRED, "--set", "transcriber.envSecret=whisper-code-secret"),
+         "engine credentials only"),
+        ((*REQUIRED, "--set", "adminToken.existingSecret=whisper-admin",
+          "--set", "transcriber.envSecret=whisper-admin"), "engine credentials only"),
         ((*REQUIRED, "--set", "codeSecret.existingSecret=keys",
           "--set", "transcriber.envSecret=keys"), "engine credentials only"),
     ],
@@ -276,8 +307,10 @@ def test_every_pod_runs_locked_down(render: Render, shape: str) -> None:
             assert sc["capabilities"]["drop"] == ["ALL"], what
             assert each["resources"]["requests"], what
             if each["name"] != "cloud-sql-proxy":
+                # Where the app writes (its home, its data directory) is the pod's own emptyDir.
+                env = env_of(each)
                 mounts = {m["mountPath"]: m["name"] for m in each["volumeMounts"]}
-                for path in ("/tmp", "/data"):
+                for path in {env["HOME"], env.get("WHISPER_DATA_DIR", env["HOME"])}:
                     assert "emptyDir" in volumes[mounts[path]], f"{what} has no writable {path}"
 
 
@@ -289,30 +322,43 @@ def test_the_gke_shape_wires_database_bucket_secrets_and_the_proxy(render: Rende
         assert proxy["restartPolicy"] == "Always", where
         assert proxy["args"][-1] == "my-project:europe-west1:whisper", where
         env = env_of(spec["containers"][0])
-        assert env["DATABASE_URL"] == {"secretKeyRef": {"name": "whisper", "key": "DATABASE_URL"}}
-        assert env["WHISPER_CODE_SECRET"]["secretKeyRef"]["name"] == "whisper"
-        assert env["WHISPER_BLOB_URL"] == "gs://my-project-whisper/prod"
+        assert env["DATABASE_URL"] == {
+            "secretKeyRef": {"name": "whisper-database", "key": "DATABASE_URL"}
+        }, where
+        if where != "Job/whisper-migrate":
+            assert env["WHISPER_CODE_SECRET"] == {
+                "secretKeyRef": {"name": "whisper-code-secret", "key": "WHISPER_CODE_SECRET"}
+            }, where
+            assert env["WHISPER_BLOB_URL"] == "gs://my-project-whisper/prod", where
     gateway = named(objects, "Deployment", "whisper-gateway")["spec"]["template"]["spec"]
     env = env_of(gateway["containers"][0])
     assert env["WHISPER_RUNNER"] == "kubernetes"
-    assert env["WHISPER_ADMIN_TOKEN"]["secretKeyRef"]["key"] == "WHISPER_ADMIN_TOKEN"
+    assert env["WHISPER_ADMIN_TOKEN"] == {
+        "secretKeyRef": {"name": "whisper-admin", "key": "WHISPER_ADMIN_TOKEN"}
+    }
     assert env["WHISPER_MIGRATE_ON_START"] == "false", "the hook migrates; replicas must not race"
+    # Long uploads and the synchronous call outlast the load balancer's default 30 s.
+    (policy,) = by_kind(objects, "GCPBackendPolicy")
+    assert policy["spec"]["targetRef"]["name"] == "whisper-gateway"
+    assert (
+        policy["spec"]["default"]["timeoutSec"]
+        >= GatewaySettings.model_fields["sync_wait_seconds"].default
+    )
     operator = env_of(container(objects, "Deployment", "whisper-operator"))
     assert operator["WHISPER_TRANSCRIBER_IMAGE"] == (
         "europe-west1-docker.pkg.dev/my-project/whisper/transcriber:0.1.0"
     )
     assert operator["WHISPER_MAX_RUNNING_JOBS"] == "8"
     assert operator["WHISPER_TRANSCRIBER_ENV_SECRET"] == "whisper-transcriber"
-    assert operator["DATABASE_URL"] == {"secretKeyRef": {"name": "whisper", "key": "DATABASE_URL"}}
 
 
 def transcriber_job_of(objects: list[dict[str, Any]]) -> dict[str, Any]:
     """The Job the rendered operator would create: its settings read from the Deployment's env
     exactly as the operator reads them, fed to the operator's own builder."""
-    env = env_of(container(objects, "Deployment", "whisper-operator"))
-    plain = {k.removeprefix("WHISPER_").lower(): v for k, v in env.items() if isinstance(v, str)}
-    settings = OperatorSettings.model_validate(
-        {k: v for k, v in plain.items() if k in OperatorSettings.model_fields}
+    (operator,) = (d for d in by_kind(objects, "Deployment")
+                   if d["metadata"]["labels"]["app.kubernetes.io/component"] == "operator")  # fmt: skip
+    settings = settings_of(
+        OperatorSettings, env_of(operator["spec"]["template"]["spec"]["containers"][0])
     )
     tj = {"apiVersion": resources.API_VERSION, "kind": "TranscriptionJob",
           "metadata": {"name": "tr-0123456789abcdef", "namespace": NAMESPACE, "uid": "u"}}  # fmt: skip
@@ -371,6 +417,36 @@ def test_the_transcriber_pods_get_no_database(render: Render, shape: str) -> Non
     assert granted(objects, "whisper-transcriber") == set()
 
 
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ("default", {"whisper-database": {GATEWAY, OPERATOR, MIGRATE},
+                     "whisper-code-secret": {GATEWAY, OPERATOR}}),
+        ("gke", {"whisper-database": {GATEWAY, OPERATOR, MIGRATE},
+                 "whisper-code-secret": {GATEWAY, OPERATOR},
+                 "whisper-admin": {GATEWAY},
+                 "whisper-transcriber": {TRANSCRIBER}}),
+    ],
+)  # fmt: skip
+def test_each_secret_reaches_exactly_the_pods_that_need_it(
+    render: Render, shape: str, expected: dict[str, set[str]]
+) -> None:
+    """The database URL: gateway, operator, migration; the code key: where codes are redeemed
+    and minted; the admin token: the gateway; the engine's Secret: the transcriber only."""
+    objects = render(*SHAPES[shape])
+    pods = {**pod_specs(objects), TRANSCRIBER: transcriber_job_of(objects)}
+    reached: dict[str, set[str]] = {}
+    for where, pod in pods.items():
+        for secret in secrets_named(pod):
+            reached.setdefault(secret, set()).add(where)
+    assert reached == expected
+    # The operator only names the engine's Secret in the Jobs it creates; it never reads it.
+    operator = env_of(container(objects, "Deployment", "whisper-operator"))
+    assert operator.get("WHISPER_TRANSCRIBER_ENV_SECRET") == (
+        "whisper-transcriber" if "whisper-transcriber" in expected else None
+    )
+
+
 def test_an_engine_secret_reaches_the_transcriber_and_nothing_else(render: Render) -> None:
     objects = render(*REQUIRED, "--set", "transcriber.envSecret=whisper-openai")
     operator = env_of(container(objects, "Deployment", "whisper-operator"))
@@ -389,9 +465,9 @@ def test_an_engine_secret_reaches_the_transcriber_and_nothing_else(render: Rende
 
 def test_the_operator_reconciles_and_retries_as_the_values_say(render: Render) -> None:
     defaults = env_of(container(render(*REQUIRED), "Deployment", "whisper-operator"))
-    settings = OperatorSettings.model_validate({})
-    assert defaults["WHISPER_RECONCILE_INTERVAL"] == f"{settings.reconcile_interval:g}"
-    assert defaults["WHISPER_MAX_ATTEMPTS"] == str(settings.max_attempts)
+    fields = OperatorSettings.model_fields
+    assert defaults["WHISPER_RECONCILE_INTERVAL"] == f"{fields['reconcile_interval'].default:g}"
+    assert defaults["WHISPER_MAX_ATTEMPTS"] == str(fields["max_attempts"].default)
     assert "WHISPER_ADMISSION_INTERVAL" not in defaults
     objects = render(*REQUIRED, "--set", "operator.reconcileInterval=30",
                      "--set", "operator.maxAttempts=5")  # fmt: skip
@@ -411,19 +487,17 @@ def setting_names(cls: type[BaseSettings]) -> set[str]:
 @pytest.mark.parametrize("shape", [*SHAPES, "everything"])
 def test_every_variable_the_chart_sets_is_one_the_code_reads(render: Render, shape: str) -> None:
     objects = render(*SHAPES.get(shape, EVERYTHING))
+    # `whisperctl db upgrade` reads the core settings only.
     reads: dict[str, type[BaseSettings]] = {
         "whisper-gateway": GatewaySettings,
         "whisper-operator": OperatorSettings,
-        "whisper-migrate": GatewaySettings,
+        "whisper-migrate": CoreSettings,
     }
     for name, cls in reads.items():
         kind = "Job" if name == "whisper-migrate" else "Deployment"
         env = env_of(container(objects, kind, name))
         assert set(env) - {"HOME"} <= setting_names(cls), name
-        plain = {
-            k.removeprefix("WHISPER_").lower(): v for k, v in env.items() if isinstance(v, str)
-        }
-        cls.model_validate({k: v for k, v in plain.items() if k in cls.model_fields})
+        settings_of(cls, env)
 
 
 def test_the_service_maps_port_80_to_an_unprivileged_container_port(render: Render) -> None:
@@ -452,12 +526,13 @@ def test_the_operator_is_a_single_recreated_replica_with_kopf_liveness(render: R
 def test_optional_parts_render_when_switched_on(render: Render) -> None:
     objects = render(*EVERYTHING)
     kinds = {o["kind"] for o in objects}
-    assert {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    assert {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "GCPBackendPolicy"} <= kinds  # fmt: skip
     assert "replicas" not in named(objects, "Deployment", "whisper-gateway")["spec"]
     operator = named(objects, "Deployment", "whisper-operator")["spec"]["template"]["spec"]
     assert env_of(operator["containers"][0])["WHISPER_KUEUE_QUEUE_NAME"] == "transcription"
     plain = {o["kind"] for o in render(*REQUIRED)}
-    assert not {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler"} & plain
+    assert not {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler", "GCPBackendPolicy"} & plain
 
 
 def test_migrations_run_in_a_hook_before_install_and_upgrade(render: Render) -> None:
@@ -498,61 +573,3 @@ def test_notes_tell_how_to_mint_a_code_and_submit_a_file(helm: Helm, render: Ren
     # The CreditCode NOTES shows must be one the chart's own CRD accepts.
     schema = crd_schema(render(*REQUIRED), "CreditCode")
     jsonschema.Draft4Validator(schema).validate(credit_code)
-
-
-def guide_blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", GUIDE.read_text(), re.S)
-
-
-def guide_variables() -> dict[str, str]:
-    """The example names the guide exports (``export NAME=value``), computed ones left out."""
-    names: dict[str, str] = {}
-    for block in guide_blocks("bash"):
-        for line in block.splitlines():
-            if line.startswith("export ") and "$(" not in line:
-                for assignment in shlex.split(line)[1:]:
-                    name, _, value = assignment.partition("=")
-                    names[name] = expand(value, names)
-    return names
-
-
-def expand(text: str, names: dict[str, str]) -> str:
-    return re.sub(r"\$(\w+)", lambda m: names[m.group(1)], text)
-
-
-def test_every_helm_install_of_the_guide_renders(helm: Helm) -> None:
-    names = guide_variables()
-    assert {"PROJECT", "REGION", "REPO", "BUCKET", "GSA", "TRANSCRIBER_GSA", "HOST"} <= names.keys()
-    assert names["GSA"] != names["TRANSCRIBER_GSA"]
-    commands = [
-        shlex.split(expand(line, names))
-        for block in guide_blocks("bash")
-        for line in block.replace("\\\n", " ").splitlines()
-        if line.startswith(("helm install", "helm upgrade"))
-    ]
-    assert commands, "the guide installs with helm"
-    for command in commands:
-        flags = [a for a in command[2:] if a not in ("--install", "--wait", "--atomic")]
-        assert str(GKE_VALUES.relative_to(ROOT)) in flags, command
-        objects = [d for d in yaml.safe_load_all(helm("template", *flags).stdout) if d]
-        accounts = {a["metadata"]["name"]: a["metadata"]["annotations"]
-                    for a in by_kind(objects, "ServiceAccount")}  # fmt: skip
-        for name, annotated in accounts.items():
-            gsa = names["TRANSCRIBER_GSA" if name == "whisper-transcriber" else "GSA"]
-            assert annotated["iam.gke.io/gcp-service-account"] == gsa, name
-        assert transcriber_job_of(objects)["spec"]["template"]["spec"]["serviceAccountName"] in (
-            accounts
-        )
-        (proxy,) = pod_specs(objects)["Deployment/whisper-gateway"]["initContainers"]
-        assert proxy["args"][-1] == f"{names['PROJECT']}:{names['REGION']}:whisper"
-        (route,) = by_kind(objects, "HTTPRoute")
-        assert route["spec"]["hostnames"] == [names["HOST"]]
-
-
-def test_the_guide_credit_code_is_valid(render: Render) -> None:
-    manifests = [yaml.safe_load(b) for b in guide_blocks("yaml")]
-    codes = [m for m in manifests if m and m.get("kind") == "CreditCode"]
-    assert codes
-    schema = crd_schema(render(*REQUIRED), "CreditCode")
-    for code in codes:
-        jsonschema.Draft4Validator(schema).validate(code)

@@ -168,9 +168,10 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 class Kubelet:
     """Plays the Job controller and the kubelet for the Jobs the operator creates."""
 
-    def __init__(self, cluster: Cluster, workdir: Path) -> None:
+    def __init__(self, cluster: Cluster, workdir: Path, namespace: str = NAMESPACE) -> None:
         self.cluster = cluster
         self.workdir = workdir
+        self.namespace = namespace
 
     def env(self, job: dict[str, Any]) -> dict[str, str]:
         """The transcriber container's environment: its env plus its Secret's keys, if any."""
@@ -178,7 +179,7 @@ class Kubelet:
         env: dict[str, str] = {}
         for source in container.get("envFrom") or []:
             secret = self.cluster.core.read_namespaced_secret(
-                source["secretRef"]["name"], NAMESPACE
+                source["secretRef"]["name"], self.namespace
             )
             env.update({k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()})
         env.update({e["name"]: e["value"] for e in container.get("env") or []})
@@ -193,7 +194,7 @@ class Kubelet:
     def start(self, job: dict[str, Any]) -> None:
         """The pod is scheduled: the Job counts it active."""
         self.cluster.batch.patch_namespaced_job_status(
-            job["metadata"]["name"], NAMESPACE, {"status": {"active": 1, "startTime": _now()}}
+            job["metadata"]["name"], self.namespace, {"status": {"active": 1, "startTime": _now()}}
         )
 
     def run(
@@ -222,7 +223,7 @@ class Kubelet:
             "kind": "Pod",
             "metadata": {
                 "name": f"{name}-{secrets.token_hex(3)}",
-                "namespace": NAMESPACE,
+                "namespace": self.namespace,
                 "labels": {**job["spec"]["template"]["metadata"]["labels"], "job-name": name},
                 "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
                                      "uid": job["metadata"]["uid"], "controller": True}],
@@ -239,7 +240,7 @@ class Kubelet:
                 }],
             },
         }  # fmt: skip
-        self.cluster.core.create_namespaced_pod(NAMESPACE, pod)
+        self.cluster.core.create_namespaced_pod(self.namespace, pod)
         status: dict[str, Any]
         if exit_code == 0:
             status = {"active": 0, "succeeded": 1, "completionTime": _now(),
@@ -257,7 +258,7 @@ class Kubelet:
                                      _condition("Failed", reason, text)]}  # fmt: skip
         else:
             status = {"active": 1, "failed": (job.get("status") or {}).get("failed", 0) + 1}
-        self.cluster.batch.patch_namespaced_job_status(name, NAMESPACE, {"status": status})
+        self.cluster.batch.patch_namespaced_job_status(name, self.namespace, {"status": status})
 
 
 def _now() -> str:

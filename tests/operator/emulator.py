@@ -260,6 +260,8 @@ class ClusterEmulator(kmock.KubernetesScaffold):
     requests_served: int = 0
     #: (group, resource[/subresource], verb) called, per bearer token: what RBAC must allow.
     calls: dict[str, set[tuple[str, str, str]]] = attrs.field(factory=dict)
+    #: RBAC as the API server enforces it, for the tokens it knows; other tokens are admins.
+    rbac: Rbac = attrs.field(factory=lambda: Rbac())
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -289,25 +291,44 @@ class ClusterEmulator(kmock.KubernetesScaffold):
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         res = request.resource
         key = (res.group, res.version, res.plural) if res is not None else None
+        raw = request._raw_request
+        if key is None and raw is not None and raw.path.rstrip("/") == "/api/v1/namespaces":
+            # kmock cannot route the namespace list, but RBAC must still answer for it.
+            forbidden = self._authorize(request, "", "namespaces", None)
+            if forbidden is not None:
+                return forbidden
         if key is None or key not in self.store.kinds:
             return await super()._handle(request)
+        forbidden = self._authorize(
+            request,
+            key[0],
+            key[2] + (f"/{request.subresource}" if request.subresource else ""),
+            request.namespace,
+        )
+        if forbidden is not None:
+            return forbidden
         self._record(request, key)
         try:
             return await self._serve(request, key)
         except ApiError as exc:
             return _status(exc.status, exc.reason, exc.message)
 
+    def _authorize(
+        self, request: rendering.Request, group: str, resource: str, namespace: str | None
+    ) -> aiohttp.web.Response | None:
+        """The API server's 403 when the caller's RBAC does not allow this request, else None."""
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        verb = _verb(request)
+        denial = self.rbac.denial(token, group, resource, verb, namespace)
+        if denial is None:
+            return None
+        self.rbac.denied.append(denial)
+        return _status(403, "Forbidden", denial)
+
     def _record(self, request: rendering.Request, key: Key) -> None:
-        method = request.method.value.upper()
-        if request.params.get("watch") in ("true", "1"):
-            verb = "watch"
-        elif method == "GET":
-            verb = "get" if request.name else "list"
-        else:
-            verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
         resource = key[2] + (f"/{request.subresource}" if request.subresource else "")
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        self.calls.setdefault(token, set()).add((key[0], resource, verb))
+        self.calls.setdefault(token, set()).add((key[0], resource, _verb(request)))
 
     async def _serve(self, request: rendering.Request, key: Key) -> aiohttp.web.StreamResponse:
         store, ns, name = self.store, request.namespace or "", request.name
@@ -419,6 +440,89 @@ class ClusterEmulator(kmock.KubernetesScaffold):
         finally:
             store.watchers[key].discard(queue)
         return response
+
+
+def _verb(request: rendering.Request) -> str:
+    method = request.method.value.upper()
+    if request.params.get("watch") in ("true", "1"):
+        return "watch"
+    if method == "GET":
+        return "get" if request.name else "list"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}[method]
+
+
+@dataclass
+class Rbac:
+    """Role-based access control from Role/ClusterRole and (Cluster)RoleBinding objects, for
+    service accounts identified by bearer token; aggregation and resourceNames are not needed."""
+
+    #: token -> (namespace, service account name)
+    accounts: dict[str, tuple[str, str]] = field(default_factory=dict)
+    objects: list[dict[str, Any]] = field(default_factory=list)
+    #: The API server's message for every request refused, in order.
+    denied: list[str] = field(default_factory=list)
+
+    def denial(
+        self, token: str, group: str, resource: str, verb: str, namespace: str | None
+    ) -> str | None:
+        account = self.accounts.get(token)
+        if account is None or self._allows(account, group, resource, verb, namespace):
+            return None
+        user = f"system:serviceaccount:{account[0]}:{account[1]}"
+        plural = resource.split("/")[0]
+        what = f"{plural}.{group}" if group else plural
+        scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+        in_group = f' in API group "{group}"'
+        return (
+            f'{what} is forbidden: User "{user}" cannot {verb} resource "{resource}"'
+            f"{in_group}{scope}"
+        )
+
+    def _allows(
+        self,
+        account: tuple[str, str],
+        group: str,
+        resource: str,
+        verb: str,
+        namespace: str | None,
+    ) -> bool:
+        for binding in self.objects:
+            kind = binding["kind"]
+            if kind not in ("RoleBinding", "ClusterRoleBinding"):
+                continue
+            bound_in = binding["metadata"].get("namespace")
+            if kind == "RoleBinding" and bound_in != namespace:
+                continue
+            if not any(
+                s.get("kind") == "ServiceAccount" and (s.get("namespace"), s.get("name")) == account
+                for s in binding.get("subjects") or []
+            ):
+                continue
+            ref = binding["roleRef"]
+            role = self._role(ref["kind"], ref["name"], bound_in if ref["kind"] == "Role" else None)
+            if role is not None and any(
+                _matches(rule, group, resource, verb) for rule in role.get("rules") or []
+            ):
+                return True
+        return False
+
+    def _role(self, kind: str, name: str, namespace: str | None) -> dict[str, Any] | None:
+        for obj in self.objects:
+            meta = obj["metadata"]
+            if obj["kind"] == kind and meta["name"] == name and meta.get("namespace") == namespace:
+                return obj
+        return None
+
+
+def _matches(rule: dict[str, Any], group: str, resource: str, verb: str) -> bool:
+    def has(values: list[str], value: str) -> bool:
+        return "*" in values or value in values
+
+    return (
+        has(rule.get("apiGroups") or [], group)
+        and has(rule.get("resources") or [], resource)
+        and has(rule.get("verbs") or [], verb)
+    )
 
 
 def _status(code: int, reason: str, message: str) -> aiohttp.web.Response:

@@ -35,7 +35,9 @@ NOW = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def settings(**overrides: Any) -> OperatorSettings:
-    return OperatorSettings(_env_file=None, **overrides)  # type: ignore[call-arg]
+    """Operator settings as a cluster gives them (the operator refuses to start without these)."""
+    required = {"database_url": "postgresql://db/whisper", "code_secret": "k"}
+    return OperatorSettings(_env_file=None, **{**required, **overrides})  # type: ignore[call-arg]
 
 
 def built() -> dict[str, dict[str, Any]]:

@@ -50,27 +50,27 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- required "config.blobUrl is required: gs://BUCKET/PREFIX (see docs/deploy-gke.md)" .Values.config.blobUrl }}
 {{- end }}
 
-{{/* Environment shared by the gateway, the operator and the migration Job. */}}
-{{- define "whisper.commonEnv" -}}
+{{/* Each Secret reaches only the containers that use it: the database URL the gateway, the
+operator and the migration Job; the code key the gateway (which redeems codes) and the operator
+(which mints them); the admin token the gateway alone. */}}
+{{- define "whisper.databaseEnv" -}}
 - name: DATABASE_URL
   valueFrom:
     secretKeyRef:
       name: {{ .Values.database.existingSecret }}
       key: {{ .Values.database.key }}
+{{- end }}
+
+{{- define "whisper.codeSecretEnv" -}}
 - name: WHISPER_CODE_SECRET
   valueFrom:
     secretKeyRef:
       name: {{ .Values.codeSecret.existingSecret }}
       key: {{ .Values.codeSecret.key }}
-- name: WHISPER_BLOB_URL
-  value: {{ include "whisper.requiredBlobUrl" . | quote }}
-- name: WHISPER_ENGINE
-  value: {{ .Values.config.engine | quote }}
-{{- with .Values.config.model }}
-- name: WHISPER_MODEL
-  value: {{ . | quote }}
 {{- end }}
-# The root filesystem is read-only: state and caches go to the pod's emptyDirs.
+
+{{/* The root filesystem is read-only: state and caches go to the pod's emptyDirs. */}}
+{{- define "whisper.writableEnv" -}}
 - name: WHISPER_DATA_DIR
   value: /data
 - name: HOME
