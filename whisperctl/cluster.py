@@ -20,6 +20,11 @@ def operator(
     import kopf
 
     import transcription_operator  # noqa: F401  (registers the handlers)
+    from transcription.settings import OperatorSettings
+    from whisperctl.options import build_settings
+
+    # Refused here with one clear line, not retried for ever inside kopf's startup handler.
+    build_settings(OperatorSettings, None)
 
     kopf.configure(verbose=False)
     kopf.run(

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from transcription.settings import CoreSettings
 
@@ -28,4 +29,12 @@ def build_settings(cls: type[S], data_dir: Path | None, **overrides: Any) -> S:
     values: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     if data_dir is not None:
         values["data_dir"] = data_dir
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        # One line per problem, named as the user sets it, instead of pydantic's traceback.
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            message = str(error["msg"]).removeprefix("Value error, ")
+            typer.echo(f"whisper: {f'WHISPER_{name}: ' if name else ''}{message}", err=True)
+        raise typer.Exit(2) from None
