@@ -98,6 +98,7 @@ class Ours:
     url: str
     pid: int
     code: str
+    data_dir: Path
 
     def client(self) -> httpx.Client:
         return httpx.Client(
@@ -191,7 +192,7 @@ def ours(env: dict[str, str] | None = None) -> Iterator[Ours]:
                 STARTUP_SECONDS,
                 "whisperctl serve ready",
             )
-            yield Ours(url, process.pid, code)
+            yield Ours(url, process.pid, code, data)
 
 
 @contextmanager

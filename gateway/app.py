@@ -10,11 +10,15 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from gateway import errors
+from gateway.limits import BodyLimit
+from gateway.ratelimit import FailedAuthLimiter
 from gateway.routers import admin, credits, health, openai_compat, transcriptions
 from gateway.runners import JobRunner, LocalJobRunner
 from gateway.services import Services
+from gateway.uploads import UploadSlots
 from transcriber.engines import Engine, build_engine, default_concurrency
 from transcriber.pipeline import Pipeline
 from transcription.blobstore import open_blob_store
@@ -24,6 +28,9 @@ from transcription.lifecycle import Lifecycle
 from transcription.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
+
+#: The routes that stream an upload to disk under their own limits (gateway.uploads).
+UPLOAD_ROUTES = frozenset({("POST", "/v1/transcriptions"), ("POST", "/v1/audio/transcriptions")})
 
 
 def build_services(
@@ -44,7 +51,9 @@ def build_services(
         # Jobs run in the cluster's transcriber pods; the gateway needs no Whisper engine.
         from gateway.runners.kubernetes import KubernetesJobRunner
 
-        runner = KubernetesJobRunner(lc, namespace=settings.kubernetes_namespace)
+        runner = KubernetesJobRunner(
+            lc, namespace=settings.kubernetes_namespace, timeout=settings.kubernetes_timeout
+        )
         engine_name, model_name = settings.engine, settings.model
     else:
         concurrency = settings.concurrency or default_concurrency()
@@ -68,6 +77,10 @@ def build_services(
         code_key=settings.code_key(),
         engine_name=engine_name,
         model_name=model_name,
+        uploads=UploadSlots(total=settings.max_uploads, per_code=settings.max_uploads_per_code),
+        auth_limiter=FailedAuthLimiter(
+            settings.auth_failure_limit, settings.auth_failure_window_seconds
+        ),
     )
     services.upload_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     return services
@@ -110,6 +123,18 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
+    if settings.trusted_proxies:
+        # The client address behind the load balancer, from the X-Forwarded-For entries that
+        # trusted proxies appended; the failed-auth limit counts against it.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
+    if settings.max_body_bytes or settings.body_timeout:
+        # Added last, so it runs first: a body is bounded before anything else reads it.
+        app.add_middleware(
+            BodyLimit,
+            max_bytes=settings.max_body_bytes,
+            timeout=settings.body_timeout,
+            uploads=UPLOAD_ROUTES,
+        )
     for module in (transcriptions, openai_compat, credits, admin, health):
         app.include_router(module.router)
 

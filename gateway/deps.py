@@ -56,7 +56,7 @@ def get_code(request: Request, services: ServicesDep) -> CreditCode:
         raise Unauthenticated(
             "Send your credit code as 'Authorization: Bearer <code>'.", code="missing_code"
         )
-    with services.db.read() as session:
+    with services.auth_limiter.attempt(request), services.db.read() as session:
         return ledger.authenticate(session, services.code_key, token)
 
 
@@ -69,9 +69,12 @@ def require_admin(request: Request, services: ServicesDep) -> None:
         raise AdminDisabled(
             "The admin API is disabled: set WHISPER_ADMIN_TOKEN on the server to enable it."
         )
-    token = bearer_token(request) or ""
-    if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+    token = bearer_token(request)
+    if token is None:
         raise AdminRequired("Send the admin token as 'Authorization: Bearer <token>'.")
+    with services.auth_limiter.attempt(request):
+        if not hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
+            raise AdminRequired("Send the admin token as 'Authorization: Bearer <token>'.")
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

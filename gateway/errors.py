@@ -24,6 +24,10 @@ STATUS: list[tuple[type[e.DomainError], int, str]] = [
     (e.IdempotencyKeyInUse, 409, "conflict_error"),
     (e.Conflict, 409, "conflict_error"),
     (e.UploadTooLarge, 413, "invalid_request_error"),
+    (e.RequestTooLarge, 413, "invalid_request_error"),
+    (e.RequestTimeout, 408, "invalid_request_error"),
+    (e.TooManyRequests, 429, "rate_limit_error"),
+    (e.ClusterUnavailable, 503, "server_error"),
     (e.UnsupportedMediaType, 415, "invalid_request_error"),
     (e.InvalidAudio, 422, "invalid_request_error"),
     (e.IdempotencyKeyReused, 422, "invalid_request_error"),
@@ -69,7 +73,17 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.DomainError)
     status, type_ = status_for(exc, openai=getattr(request.state, "openai_dialect", False))
     body = error_body(exc.message, type_, exc.code, exc.param, **exc.details())
-    return JSONResponse(body, status_code=status, headers=_headers(request, status))
+    headers = _headers(request, status)
+    retryable = e.TooManyRequests | e.RequestTimeout | e.ClusterUnavailable
+    if isinstance(exc, retryable) and "x-should-retry" in headers:
+        # Nothing was stored (or it was refunded), so a retry cannot make a second job.
+        headers["x-should-retry"] = "true"
+    if isinstance(exc, e.TooManyRequests | e.ClusterUnavailable):
+        headers["Retry-After"] = str(exc.retry_after)
+    if isinstance(exc, e.RequestTimeout):
+        # The rest of the body may never come: close rather than wait to read past it.
+        headers["Connection"] = "close"
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

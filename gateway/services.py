@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.ratelimit import FailedAuthLimiter
 from gateway.runners import JobRunner
+from gateway.uploads import UploadSlots
 from transcription.blobstore import BlobStore
 from transcription.db.session import Database
 from transcription.lifecycle import Lifecycle
@@ -22,6 +24,8 @@ class Services:
     code_key: bytes
     engine_name: str
     model_name: str | None
+    uploads: UploadSlots
+    auth_limiter: FailedAuthLimiter
 
     @property
     def upload_dir(self) -> Path:

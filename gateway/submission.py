@@ -19,7 +19,7 @@ from gateway.uploads import Upload, receive_upload
 from transcription import idempotency, jobfiles, ledger, lifecycle
 from transcription.audio import AudioInfo, probe_mp3
 from transcription.db.models import CreditCode, Job
-from transcription.errors import InvalidRequest
+from transcription.errors import ClusterUnavailable, InvalidRequest
 from transcription.states import Mode
 
 LANGUAGE = re.compile(r"^[a-z]{2,3}$")
@@ -72,9 +72,10 @@ async def accept_upload(
     idempotency_key: str | None,
     parse: Callable[[Upload], tuple[JobOptions, T]],
 ) -> Accepted[T]:
-    """Receive the multipart upload, check it with ``parse`` and the audio probe, then store
-    it and create the job (reserving credit) and hand it to the runner; on any refusal nothing
-    is stored or charged."""
+    """Refuse a code that cannot pay for anything before reading the body, receive the
+    multipart upload, check it with ``parse`` and the audio probe, then store it, create the
+    job (reserving credit) and hand it to the runner; on any refusal nothing is stored or
+    charged, and a job the runner cannot take is refunded."""
     ttl = timedelta(hours=services.settings.idempotency_ttl_hours)
     state = (
         await run_in_threadpool(idempotency.claim, services.db, code.id, idempotency_key, ttl)
@@ -90,6 +91,9 @@ async def accept_upload(
             request,
             tmp_dir=services.upload_dir,
             max_bytes=services.settings.max_upload_bytes,
+            idle_timeout=services.settings.body_timeout,
+            slots=services.uploads,
+            holder=code.id,
         )
         options, form = parse(upload)
         request_hash = _request_hash(upload, options)
@@ -108,8 +112,20 @@ async def accept_upload(
             upload.discard()
         if owned is not None:
             await run_in_threadpool(idempotency.abandon, services.db, owned)
-    services.runner.submit(job.id)
+    try:
+        await run_in_threadpool(services.runner.submit, job.id)
+    except ClusterUnavailable:
+        await run_in_threadpool(withdraw_job, services, job.id)
+        raise
     return Accepted(job.id, job, form)
+
+
+def withdraw_job(services: Services, job_id: str) -> None:
+    """Cancel a job the runner could not take (queued: full refund, use given back) before the
+    client hears of it. Finished in the database, it gets no transcriber from the operator, even
+    if its TranscriptionJob was created after all or the operator's reconciliation creates one."""
+    services.lifecycle.cancel(job_id)
+    idempotency.forget(services.db, job_id)
 
 
 def cancel_job(services: Services, job_id: str) -> Job | None:

@@ -2,13 +2,17 @@
 
 Starlette's form parser spools files into anonymous temporary files and parses the whole body
 before the handler runs; audio probing needs a real path and oversize uploads should stop early.
+Uploads in flight are capped per code and in total, since each holds a connection and disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import tempfile
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -16,10 +20,18 @@ from typing import IO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from transcription.errors import InvalidRequest, UploadTooLarge
+from transcription.errors import (
+    DomainError,
+    InvalidRequest,
+    TooManyUploads,
+    UploadTimeout,
+    UploadTooLarge,
+)
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 32
+#: Seconds a refused upload is told to wait: most uploads finish within that.
+RETRY_UPLOAD_AFTER = 10
 
 
 @dataclass
@@ -31,15 +43,52 @@ class Upload:
     size: int = 0
     sha256: str = ""
     fields: dict[str, list[str]] = field(default_factory=dict)
+    release: Callable[[], None] | None = field(default=None, repr=False)
 
     def field(self, name: str) -> str | None:
         values = self.fields.get(name)
         return values[-1] if values else None
 
     def discard(self) -> None:
+        """Delete the file and give back the upload's slot."""
         if self.path is not None:
             self.path.unlink(missing_ok=True)
             self.path = None
+        if self.release is not None:
+            self.release()
+            self.release = None
+
+
+class UploadSlots:
+    """Uploads in flight in this process (so per gateway replica), at most ``per_code`` for one
+    code and ``total`` in all; 0 means no cap. Used from the event loop only."""
+
+    def __init__(self, *, total: int, per_code: int) -> None:
+        self.total = total
+        self.per_code = per_code
+        self.held: Counter[str] = Counter()
+
+    def acquire(self, holder: str) -> Callable[[], None]:
+        """Take a slot for ``holder`` (a code's ID) or raise TooManyUploads; returns its release."""
+        if self.per_code and self.held[holder] >= self.per_code:
+            raise TooManyUploads(
+                f"This code already has {self.per_code} uploads in progress; send this one "
+                "when one of them has finished.",
+                retry_after=RETRY_UPLOAD_AFTER,
+            )
+        if self.total and self.held.total() >= self.total:
+            raise TooManyUploads(
+                "The server is receiving as many uploads as it can; try again shortly.",
+                retry_after=RETRY_UPLOAD_AFTER,
+            )
+        self.held[holder] += 1
+
+        def release() -> None:
+            self.held[holder] -= 1
+            if not self.held[holder]:
+                del self.held[holder]
+
+        return release
 
 
 def human_size(size: int) -> str:
@@ -137,9 +186,17 @@ class _Receiver:
 
 
 async def receive_upload(
-    request: Request, *, tmp_dir: Path, max_bytes: int, file_field: str = "file"
+    request: Request,
+    *,
+    tmp_dir: Path,
+    max_bytes: int,
+    idle_timeout: float,
+    slots: UploadSlots,
+    holder: str,
+    file_field: str = "file",
 ) -> Upload:
-    """Parse a multipart/form-data body; the caller must ``discard()`` the upload when done."""
+    """Parse a multipart/form-data body in one of ``holder``'s slots, refusing it when no byte
+    arrives for ``idle_timeout`` seconds (0: no limit); the caller must ``discard()`` the upload."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise InvalidRequest(
@@ -166,8 +223,20 @@ async def receive_upload(
             "on_end": receiver.on_end,
         },
     )
+    upload.release = slots.acquire(holder)
     try:
-        async for chunk in request.stream():
+        chunks = request.stream()
+        while True:
+            try:
+                async with asyncio.timeout(idle_timeout or None):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise UploadTimeout(
+                    f"No part of the upload arrived for {idle_timeout:g} s; send it again.",
+                    param=file_field,
+                ) from None
             parser.write(chunk)
         parser.finalize()
         if not receiver.ended:
@@ -178,12 +247,13 @@ async def receive_upload(
     except BaseException as exc:
         receiver.close()
         upload.discard()
-        if isinstance(exc, InvalidRequest | UploadTooLarge):
+        if isinstance(exc, DomainError):
             raise
         if isinstance(exc, Exception):
             raise InvalidRequest("The multipart body could not be parsed.") from exc
         raise
     receiver.close()
     if upload.path is None:
+        upload.discard()
         raise InvalidRequest("No file was uploaded: send it in the 'file' field.", param=file_field)
     return upload

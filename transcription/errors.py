@@ -66,6 +66,16 @@ class CodeRevoked(CreditError):
     code = "code_revoked"
 
 
+class ClusterUnavailable(DomainError):
+    """The cluster's API server could not take the job in time; the job was refunded."""
+
+    code = "cluster_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotFound(DomainError):
     code = "not_found"
 
@@ -105,6 +115,38 @@ class IdempotencyKeyReused(DomainError):
 
 class UploadTooLarge(DomainError):
     code = "file_too_large"
+
+
+class RequestTooLarge(DomainError):
+    """A request body other than an upload is larger than the server reads."""
+
+    code = "request_too_large"
+
+
+class RequestTimeout(DomainError):
+    """The client stopped sending its request before it was complete; nothing was stored."""
+
+    code = "request_timeout"
+
+
+class UploadTimeout(RequestTimeout):
+    code = "upload_timeout"
+
+
+class TooManyRequests(DomainError):
+    """The caller must wait ``retry_after`` seconds before trying again; nothing was done."""
+
+    code = "rate_limited"
+
+    def __init__(
+        self, message: str, *, retry_after: int, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+
+class TooManyUploads(TooManyRequests):
+    code = "too_many_uploads"
 
 
 class UnsupportedMediaType(DomainError):

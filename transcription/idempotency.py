@@ -90,3 +90,10 @@ def abandon(db: Database, owned: Claim) -> None:
                 IdempotencyKey.id == owned.row_id, IdempotencyKey.job_id.is_(None)
             )
         )
+
+
+def forget(db: Database, job_id: str) -> None:
+    """Free the key that made a job which was refunded before anyone was told of it, so a
+    retry with the same key submits anew instead of replaying the cancelled job."""
+    with db.transaction() as session:
+        session.execute(delete(IdempotencyKey).where(IdempotencyKey.job_id == job_id))

@@ -12,16 +12,23 @@ if TYPE_CHECKING:
 POD_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-def api_client() -> client.ApiClient:
+def api_client(*, retries: bool = True) -> client.ApiClient:
     """The service account's credentials inside a pod; otherwise ``$KUBECONFIG`` (read now,
-    not when the kubernetes package was imported) or ``~/.kube/config``."""
+    not when the kubernetes package was imported) or ``~/.kube/config``. ``retries=False``
+    turns off urllib3's retries of failed connections, so a call's timeout bounds all of it."""
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()
-        return client.ApiClient()
+        configuration = client.Configuration.get_default_copy()
     except config.ConfigException:
-        return config.new_client_from_config(config_file=os.environ.get("KUBECONFIG") or None)
+        configuration = client.Configuration()
+        config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+        )
+    if not retries:
+        configuration.retries = False
+    return client.ApiClient(configuration)
 
 
 def pod_namespace() -> str | None:

@@ -142,7 +142,8 @@ def get_code(session: Session, code_id: str, *, for_update: bool = False) -> Cre
 
 
 def ensure_usable(record: CreditCode, now: datetime | None = None) -> None:
-    """Raise the 402-class error that explains why the code cannot start a new job."""
+    """Raise the 402-class error that explains why the code cannot start a new job of any
+    length; the gateway asks before it reads an upload."""
     now = now or utcnow()
     if record.revoked_at is not None:
         raise CodeRevoked("This credit code has been revoked.")
@@ -151,6 +152,12 @@ def ensure_usable(record: CreditCode, now: datetime | None = None) -> None:
     if record.uses >= record.max_uses:
         raise UsesExhausted(
             f"This credit code has been used {record.uses} of {record.max_uses} times."
+        )
+    if record.remaining_seconds < 1:
+        held = record.reserved_seconds
+        raise InsufficientCredit(
+            "This credit code has no seconds left"
+            + (f"; {held} s are held by its unfinished jobs." if held else ".")
         )
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from transcription.states import EngineKind
 
@@ -196,6 +197,78 @@ class GatewaySettings(WorkerSettings):
         description="How long POST /v1/audio/transcriptions waits for its job before answering "
         "with the job ID to poll.",
     )
+    # Limits on clients. 0 turns one off where allowed, so a benchmark can show what it buys.
+    max_body_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Largest body of any request but an upload, in bytes; refused (413) before "
+        "it is parsed or authenticated.",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        description="Most bytes of a request's unfinished line and headers held; beyond, 400.",
+    )
+    header_timeout: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds a client has for a request's line and headers, from connecting or "
+        "from the request's first byte on a kept-alive connection; the connection is closed then.",
+    )
+    body_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="Seconds a request body (an upload included) may go without a byte arriving "
+        "before the request is refused (408).",
+    )
+    max_uploads: int = Field(
+        12, ge=0, description="Uploads received at once by this process, over every code."
+    )
+    max_uploads_per_code: int = Field(
+        2, ge=0, description="Uploads received at once by this process for one credit code."
+    )
+    max_connections: int = Field(
+        1000,
+        ge=0,
+        description="Connections (or requests in progress) at once, the new one included, at "
+        "which a request is answered 503.",
+    )
+    keep_alive_timeout: int = Field(
+        5, ge=1, description="Seconds an idle kept-alive connection stays open."
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Addresses or CIDR ranges of the proxies in front of the gateway (e.g. the "
+        "load balancer's), comma-separated; only their X-Forwarded-For is believed. Empty: the "
+        "client address is the connection's peer.",
+    )
+    auth_failure_limit: int = Field(
+        20,
+        ge=0,
+        description="Wrong credit codes or admin tokens one client address may send within the "
+        "window before its authenticated requests are refused (429), per process; 0 = no limit.",
+    )
+    auth_failure_window_seconds: int = Field(
+        60, ge=1, description="The moving window of auth_failure_limit, in seconds."
+    )
+    kubernetes_timeout: float = Field(
+        5.0,
+        gt=0,
+        description="Seconds the kubernetes runner waits for the API server to create or delete "
+        "a TranscriptionJob; a submission it cannot create in time is refunded (503).",
+    )
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _proxy_networks(cls, value: object) -> object:
+        """Split the comma-separated form and refuse what is no address or network, which
+        uvicorn would otherwise take as a host name and silently never match."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        return [
+            str(ipaddress.ip_network(item.strip(), strict=False)) for item in items if item.strip()
+        ]
 
     @model_validator(mode="after")
     def _cluster_shares_state(self) -> Self:

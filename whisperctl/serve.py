@@ -29,6 +29,7 @@ def serve(
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.limits import server_options
     from transcription.datadir import DataDirInUse, DataDirLock
     from transcription.settings import GatewaySettings
 
@@ -56,6 +57,7 @@ def serve(
             port=settings.port,
             log_level=log_level,
             timeout_graceful_shutdown=10,
+            **server_options(settings),
         )
     finally:
         lock.release()

@@ -49,8 +49,13 @@ def submit(
         Path, typer.Argument(exists=True, dir_okay=False, help="The .mp3 to transcribe.")
     ],
     code: Annotated[
-        str, typer.Option(envvar="WHISPER_CODE", help="Your credit code (or set WHISPER_CODE).")
-    ],
+        str | None,
+        typer.Option(
+            envvar="WHISPER_CODE",
+            help="Your credit code. A flag shows in `ps` and shell history to anyone on the "
+            "machine: prefer WHISPER_CODE, or leave both out to be asked for it.",
+        ),
+    ] = None,
     url: Annotated[
         str, typer.Option(envvar="WHISPER_URL", help="The service's base URL.")
     ] = "http://127.0.0.1:8000",
@@ -77,6 +82,7 @@ def submit(
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
+    code = code or _ask_code()
     headers = {"Authorization": f"Bearer {code}"}
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
@@ -137,6 +143,16 @@ def submit(
     else:
         output.write_bytes(transcript.content)
         typer.echo(f"transcript saved to {output} ({job['charged_seconds']} s charged)", err=True)
+
+
+def _ask_code() -> str:
+    """The code typed at the terminal without echo; a script without one fails at once rather
+    than wait for an answer that never comes."""
+    if not sys.stdin.isatty():
+        typer.echo("error: no credit code: set WHISPER_CODE (or pass --code)", err=True)
+        raise typer.Exit(2)
+    code: str = typer.prompt("Credit code", hide_input=True, err=True)
+    return code.strip()
 
 
 def _get(client: Any, path: str, job_id: str) -> Any:

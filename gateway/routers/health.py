@@ -11,8 +11,10 @@ from gateway.deps import ServicesDep
 router = APIRouter(tags=["health"])
 
 
+# Async so it is answered on the event loop itself, never queued behind the thread pool that
+# database and Kubernetes calls may fill: it says whether the process serves requests at all.
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 

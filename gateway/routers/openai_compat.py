@@ -56,7 +56,7 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the acc
 _POLL_FIRST, _POLL_MAX = 0.05, 1.0
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 409, 413, 422, 429, 502)
+    status: {"model": ErrorResponse} for status in (400, 401, 408, 409, 413, 422, 429, 502, 503)
 }
 
 

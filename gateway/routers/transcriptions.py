@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from sqlalchemy import select
+from sqlalchemy import select, true
 
 from gateway.deps import CodeDep, ReadSessionDep, ServicesDep
 from gateway.pagination import newest_first
@@ -23,7 +23,8 @@ from transcription.transcript import FORMATS, MEDIA_TYPES
 router = APIRouter(prefix="/v1/transcriptions", tags=["transcriptions"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 402, 404, 409, 413, 415, 422)
+    status: {"model": ErrorResponse}
+    for status in (400, 401, 402, 404, 408, 409, 413, 415, 422, 429, 503)
 }
 
 
@@ -44,7 +45,14 @@ def list_jobs(
         stmt = stmt.where(Job.code_id == code_id)
     if status is not None:
         stmt = stmt.where(Job.status == status)
-    jobs, has_more = newest_first(session, Job, stmt, after=after, limit=limit)
+    jobs, has_more = newest_first(
+        session,
+        Job,
+        stmt,
+        after=after,
+        limit=limit,
+        visible=true() if code_id is None else Job.code_id == code_id,
+    )
     transcripts = {
         t.job_id: t
         for t in session.scalars(

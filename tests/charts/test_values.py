@@ -298,6 +298,24 @@ PROOFS: dict[str, Proof | Switch] = {
     **service_account("gateway", gateway(pod("serviceAccountName"))),
     **resources("gateway", gateway),
     "gateway.uploadVolumeSize": Proof("5Gi", (gateway(volume("data", "emptyDir", "sizeLimit")),)),
+    **{
+        f"gateway.limits.{key}": Proof(value, (gateway(env(f"WHISPER_{name}"), str(value)),))
+        for key, name, value in (
+            ("maxBodyBytes", "MAX_BODY_BYTES", 4097),
+            ("headerTimeout", "HEADER_TIMEOUT", 2.5),
+            ("bodyTimeout", "BODY_TIMEOUT", 31.5),
+            ("maxUploads", "MAX_UPLOADS", 13),
+            ("maxUploadsPerCode", "MAX_UPLOADS_PER_CODE", 3),
+            ("maxConnections", "MAX_CONNECTIONS", 1001),
+            ("keepAliveTimeout", "KEEP_ALIVE_TIMEOUT", 621),
+            ("authFailures", "AUTH_FAILURE_LIMIT", 21),
+            ("authFailureWindowSeconds", "AUTH_FAILURE_WINDOW_SECONDS", 61),
+        )
+    },
+    "gateway.trustedProxies": Proof(
+        ["35.191.0.0/16", "203.0.113.9"],
+        (gateway(env("WHISPER_TRUSTED_PROXIES"), "35.191.0.0/16,203.0.113.9"),),
+    ),
     "gateway.ingress.enabled": Switch("Ingress", "-gateway"),
     "gateway.ingress.className": Proof(
         "gce", (At("Ingress", "-gateway", dig("spec", "ingressClassName")),), INGRESS_ON

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import pty
 import re
+import select
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,7 @@ def submit(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     return subprocess.run(
         [WHISPERCTL, "submit", *args],
         env=clean_env(env),
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=600,
@@ -161,7 +166,69 @@ def test_unreachable_server_exits_2_with_a_clear_message(mp3_5s: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_missing_code_is_a_usage_error(mp3_5s: Path) -> None:
+def test_without_a_code_a_script_fails_at_once_and_says_how_to_give_one(mp3_5s: Path) -> None:
+    """No --code, no WHISPER_CODE and no terminal to ask at: exit 2 at once, not a hang."""
     result = submit(str(mp3_5s), "--url", f"http://127.0.0.1:{free_port()}")
     assert result.returncode == 2
-    assert "Missing option '--code'" in result.stderr
+    assert "error: no credit code: set WHISPER_CODE (or pass --code)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_code_flag_warns_that_it_shows_in_ps() -> None:
+    result = subprocess.run(
+        [WHISPERCTL, "submit", "--help"],
+        env=clean_env({"COLUMNS": "200"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split())
+    assert "shows in `ps` and shell history" in help_text
+    assert "prefer WHISPER_CODE" in help_text
+
+
+def test_at_a_terminal_the_code_is_asked_for_without_echo(server: Server, mp3_5s: Path) -> None:
+    """Run at a terminal with neither --code nor WHISPER_CODE, submit asks for the code, the
+    typed code is not echoed, and the upload goes through with it."""
+    code = server.create_code()
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: whisperctl with the pseudo-terminal as its controlling terminal
+        os.execve(
+            WHISPERCTL,
+            [WHISPERCTL, "submit", str(mp3_5s), "--url", server.base_url, "--quiet"],
+            clean_env(),
+        )
+    # The prompt's last character is written by getpass once echo is off: typing earlier
+    # would be echoed, then flushed.
+    seen = read_until(terminal, b"Credit code: ")
+    os.write(terminal, code.encode() + b"\n")
+    seen += read_until(terminal, None)
+    _, status = os.waitpid(pid, 0)
+    os.close(terminal)
+    shown = seen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, shown
+    assert code not in shown
+    assert re.search(r"^tr_[0-9a-f]+\r?$", shown, re.MULTILINE), shown
+    assert credits(server, code)["uses"] == 1
+
+
+def read_until(fd: int, marker: bytes | None, timeout: float = 60.0) -> bytes:
+    """What the terminal shows until ``marker`` (or until the program ends, for None)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker is None or marker not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"waited for {marker!r}; the terminal shows {seen!r}"
+        readable, _, _ = select.select([fd], [], [], left)
+        if not readable:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the program ended and closed the terminal
+            chunk = b""
+        if not chunk:
+            assert marker is None, f"the program ended before {marker!r}: {seen!r}"
+            return seen
+        seen += chunk
+    return seen

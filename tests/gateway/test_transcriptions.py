@@ -238,6 +238,28 @@ def test_a_job_is_invisible_to_every_other_code(make_client: MakeClient, mp3_5s:
     assert download(client, owner.code, job_id, "txt").status_code == 200
 
 
+def test_another_codes_job_as_a_cursor_answers_as_an_unknown_id(
+    make_client: MakeClient, mp3_5s: Path
+) -> None:
+    """``?after=`` tells nothing about someone else's job: its ID answers exactly as an ID that
+    never existed does, while the code's own ID pages on."""
+    client = make_client()
+    owner, other = issue_code(client), issue_code(client)
+    mine = submit(client, owner.code, mp3_5s).json()["id"]
+    theirs = submit(client, other.code, mp3_5s).json()["id"]
+    unknown = "tr_" + "0" * 16
+
+    def page(after: str) -> Any:
+        return client.get("/v1/transcriptions", params={"after": after}, headers=auth(owner.code))
+
+    foreign, missing = page(theirs), page(unknown)
+    assert (foreign.status_code, missing.status_code) == (400, 400)
+    assert foreign.json() == json.loads(missing.text.replace(unknown, theirs))
+    assert foreign.json()["error"]["param"] == "after"
+    own = page(mine)
+    assert (own.status_code, own.json()["data"]) == (200, [])
+
+
 def test_cancelling_refunds_a_queued_job_and_charges_a_running_one_what_it_transcribed(
     db_url: str, make_client: MakeClient, mp3_5s: Path
 ) -> None:

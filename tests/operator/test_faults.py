@@ -233,6 +233,39 @@ def test_a_job_whose_gateway_died_before_the_transcription_job_gets_one_and_succ
     assert len(cluster.tjs()) == 1
 
 
+def test_a_job_the_gateway_refunded_runs_nowhere_though_its_transcription_job_appears(
+    cluster: Cluster,
+    start_operator: StartOperator,
+    op_db: Database,
+    blob_url: str,
+    tmp_path: Path,
+) -> None:
+    """The gateway's create timed out, so it cancelled the job (a full refund) and answered 503,
+    but the create reached the API server after all: the operator reports it Cancelled and
+    never starts a Job for it, while it goes on admitting others."""
+    refunded = submit(op_db, cluster, blob_url, tmp_path, create_tj=False)
+    assert Lifecycle(op_db, open_blob_store(blob_url)).cancel(refunded.job_id) is not None
+    operator = start_operator()
+    cluster.create(
+        resources.TJ_PLURAL,
+        resources.transcription_job(
+            job_id=refunded.job_id,
+            namespace=NAMESPACE,
+            spec=resources.TranscriptionJobSpec(job_id=refunded.job_id),
+            submitted_at=db_job(op_db, refunded.job_id).created_at,
+        ),
+    )
+    reach(cluster, refunded.name, Phase.CANCELLED, operator)
+    assert_books(op_db, cluster, refunded, state=JobStatus.CANCELLED, charged=0, uses=0,
+                 resolution=EntryKind.RELEASE)  # fmt: skip
+
+    # Admission has run since (another job got its Job), and still none for the refunded one.
+    other = submit(op_db, cluster, blob_url, tmp_path)
+    admitted(cluster, other.name, operator, not_uid=set())
+    assert cluster.job(refunded.name) is None
+    assert status(cluster, refunded.name)["phase"] == Phase.CANCELLED
+
+
 # --- 2. the operator dies after settling, before the status says so ---------------------------
 
 

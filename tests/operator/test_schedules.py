@@ -54,6 +54,7 @@ from sqlalchemy.exc import DBAPIError
 from gateway.routers.transcriptions import delete_transcription, get_transcription
 from gateway.runners.kubernetes import KubernetesJobRunner
 from gateway.services import Services
+from gateway.submission import withdraw_job
 from tests.operator.simcluster import FINALIZER, FakeKube, clone
 from transcriber.job import JobSettings, run_job
 from transcriber.pipeline import AudioMissing, Pipeline
@@ -62,7 +63,13 @@ from transcription.blobstore import LocalBlobStore
 from transcription.db.migrate import upgrade
 from transcription.db.models import Base, CreditCode, Job
 from transcription.db.session import Database
-from transcription.errors import CreditError, EngineUnavailable, NotFound, UndecodableAudio
+from transcription.errors import (
+    ClusterUnavailable,
+    CreditError,
+    EngineUnavailable,
+    NotFound,
+    UndecodableAudio,
+)
 from transcription.jobfiles import JobFiles, RunRequest
 from transcription.lifecycle import Lifecycle, NewJob
 from transcription.resources import Phase, job_id_of
@@ -553,6 +560,15 @@ class Schedule:
             self.services.runner.submit(job_id)
         except DBAPIError:
             self.note(f"submit {self.name(job_id)} {seconds}s, 500 reading it back")
+            return
+        except ClusterUnavailable:
+            # The create failed, perhaps after taking effect: the gateway refunds and says 503.
+            try:
+                withdraw_job(self.services, job_id)
+            except (DBAPIError, ConnectionError) as exc:
+                self.note(f"submit {self.name(job_id)} {seconds}s, 500 refunding: {exc!r}")
+                return
+            self.note(f"submit {self.name(job_id)} {seconds}s, 503 and refunded")
             return
         self.note(f"submit {self.name(job_id)} {seconds}s")
 
