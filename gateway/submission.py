@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,10 +19,8 @@ from transcription import idempotency, jobfiles, ledger, lifecycle
 from transcription.audio import AudioInfo, probe_mp3
 from transcription.db.models import CreditCode, Job
 from transcription.errors import ClusterUnavailable, InvalidRequest
+from transcription.joboptions import check_language, check_mode, check_prompt
 from transcription.states import Mode
-
-LANGUAGE = re.compile(r"^[a-z]{2,3}$")
-MAX_PROMPT_CHARS = 2000
 
 JobOptions = dict[str, str | None]
 T = TypeVar("T")
@@ -45,23 +42,15 @@ class Accepted(Generic[T]):
 
 def job_options(upload: Upload, services: Services) -> JobOptions:
     """The job's ``language``, ``prompt`` and ``mode`` from the form, checked."""
-    language = (upload.field("language") or "").strip().lower() or None
-    if language is not None and not LANGUAGE.match(language):
-        raise InvalidRequest(
-            "language must be an ISO-639-1 code such as 'en' or 'de'.", param="language"
-        )
+    language = check_language(upload.field("language"))
     model = services.model_name or ""
     if language not in (None, "en") and model.endswith(".en"):
         raise InvalidRequest(
             f"The model {model} transcribes English only; omit language or use 'en'.",
             param="language",
         )
-    prompt = upload.field("prompt") or None
-    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(f"prompt is limited to {MAX_PROMPT_CHARS} characters.", param="prompt")
-    mode = (upload.field("mode") or Mode.FAST.value).strip().lower()
-    if mode not in {m.value for m in Mode}:
-        raise InvalidRequest("mode must be 'fast' or 'accurate'.", param="mode")
+    prompt = check_prompt(upload.field("prompt"))
+    mode = check_mode(upload.field("mode")).value
     return {"language": language, "prompt": prompt, "mode": mode}
 
 

@@ -36,6 +36,7 @@ from transcription.db.models import CreditCode, Job, LedgerEntry, UTCDateTime, u
 from transcription.errors import (
     CodeExpired,
     CodeRevoked,
+    Conflict,
     InsufficientCredit,
     InvalidRequest,
     NotFound,
@@ -48,6 +49,7 @@ CODE_PREFIX = "wt_"
 CODE_ID_PREFIX = "cc_"
 #: Counters are 32-bit integers in the database.
 MAX_BUDGET_SECONDS = 2_000_000_000
+MAX_USES = 2_000_000_000
 #: 22 URL-safe base64 characters carry 132 bits.
 MIN_SECRET_CHARS = 22
 
@@ -77,6 +79,29 @@ def seconds_to_reserve(audio_seconds: float) -> int:
     return max(1, math.ceil(audio_seconds - 1e-6))
 
 
+def check_budget(seconds: int, *, param: str = "seconds", held: int = 0) -> None:
+    """Refuse a budget no code may have; minting and topping up share this rule, so a code
+    can never be minted with a budget a top-up would then refuse to grow."""
+    if not 1 <= held + seconds <= MAX_BUDGET_SECONDS:
+        already = f" (it has {held} s, so at most {MAX_BUDGET_SECONDS - held} s can be added)"
+        raise InvalidRequest(
+            f"A code's budget must be from 1 to {MAX_BUDGET_SECONDS} seconds"
+            + (already if held else "")
+            + ".",
+            param=param,
+        )
+
+
+def check_max_uses(max_uses: int, *, uses: int = 0) -> None:
+    """Refuse a use limit no code may have, or one below the uses already made."""
+    if not max(1, uses) <= max_uses <= MAX_USES:
+        raise InvalidRequest(
+            f"max_uses must be from {max(1, uses)} to {MAX_USES}"
+            + (f": the code has already been used {uses} times." if uses else "."),
+            param="max_uses",
+        )
+
+
 def issue_code(
     session: Session,
     key: bytes,
@@ -89,10 +114,8 @@ def issue_code(
     code_id: str | None = None,
 ) -> IssuedCode:
     """Mint a code; ``code`` and ``code_id`` let a replayed mint (the operator) reuse its own."""
-    if seconds < 1:
-        raise InvalidRequest("A code must be worth at least one second.", param="seconds")
-    if max_uses < 1:
-        raise InvalidRequest("A code must allow at least one use.", param="max_uses")
+    check_budget(seconds)
+    check_max_uses(max_uses)
     if code is not None and (
         not code.startswith(CODE_PREFIX) or len(code) - len(CODE_PREFIX) < MIN_SECRET_CHARS
     ):
@@ -352,10 +375,8 @@ def top_up(session: Session, code_id: str, seconds: int) -> CreditCode:
     if seconds < 1:
         raise InvalidRequest("A top-up must add at least one second.", param="add_seconds")
     record = get_code(session, code_id, for_update=True)
-    if record.budget_seconds + seconds > MAX_BUDGET_SECONDS:
-        raise InvalidRequest(
-            f"A code's budget cannot exceed {MAX_BUDGET_SECONDS} seconds.", param="add_seconds"
-        )
+    ensure_changeable(record)
+    check_budget(seconds, param="add_seconds", held=record.budget_seconds)
     session.execute(
         update(CreditCode)
         .where(CreditCode.id == code_id)
@@ -366,12 +387,22 @@ def top_up(session: Session, code_id: str, seconds: int) -> CreditCode:
     return _fresh(session, code_id)
 
 
+def ensure_changeable(record: CreditCode) -> None:
+    """Refuse to give a revoked code more to spend: revocation is for good, so the change
+    would look applied and never let the code pay."""
+    if record.revoked_at is not None:
+        raise Conflict(
+            "This credit code has been revoked, for good: no top-up can make it usable again; "
+            "issue a new code instead.",
+            param="id",
+            code="code_revoked",
+        )
+
+
 def set_max_uses(session: Session, code_id: str, max_uses: int) -> CreditCode:
     record = get_code(session, code_id, for_update=True)
-    if max_uses < max(1, record.uses):
-        raise InvalidRequest(
-            f"max_uses cannot be below the {record.uses} uses already made.", param="max_uses"
-        )
+    ensure_changeable(record)
+    check_max_uses(max_uses, uses=record.uses)
     record.max_uses = max_uses
     session.flush()
     return record

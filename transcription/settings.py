@@ -8,6 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
+from platformdirs import user_data_path
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -27,8 +28,15 @@ ComputeType = Literal[
     "float32",
 ]
 
-DEFAULT_DATA_DIR = Path("whisper-data")
+#: The per-user data directory's application name: ~/.local/share/whisperctl on Linux.
+APP_NAME = "whisperctl"
 KEY_FILE_NAME = "code-secret"
+
+
+def default_data_dir() -> Path:
+    """The platform's per-user data directory, so every command finds the same state wherever
+    it runs from (XDG_DATA_HOME is honoured)."""
+    return user_data_path(APP_NAME, appauthor=False)
 
 
 class CoreSettings(BaseSettings):
@@ -37,7 +45,7 @@ class CoreSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="WHISPER_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Field(
-        DEFAULT_DATA_DIR,
+        default_factory=default_data_dir,
         description="Directory for the SQLite database, blobs and the code secret.",
     )
     database_url: str | None = Field(

@@ -2,28 +2,49 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from whisperctl.options import DataDir, build_settings
+from transcription.settings import GatewaySettings
+from whisperctl.options import DataDir, build_settings, describe_storage, open_data_dir
+
+LOG_FILE_NAME = "serve.log"
+
+
+def _default(name: str) -> str:
+    return str(GatewaySettings.model_fields[name].default)
 
 
 def serve(
     host: Annotated[
-        str | None, typer.Option(help="Address to listen on [default: 127.0.0.1].")
+        str | None, typer.Option(help="Address to listen on.", show_default=_default("host"))
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port to listen on [default: 8000].")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on.", show_default=_default("port"))
+    ] = None,
     concurrency: Annotated[
-        int | None, typer.Option(help="Transcriptions at once [default: automatic].")
+        int | None, typer.Option(help="Transcriptions at once.", show_default="automatic")
     ] = None,
     data_dir: DataDir = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_file: Annotated[
+        str | None,
+        typer.Option(
+            envvar="WHISPER_LOG_FILE",
+            help="Where the log goes: a file, or - for the terminal. Unset: the terminal, "
+            f"except when started in the background at one (`whisperctl serve &`): then "
+            f"<data dir>/{LOG_FILE_NAME}, so the log never mixes with other commands' output.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP API and the local Whisper workers (SQLite, local files, bundled tiny.en).
 
-    One server per data directory: a second ``serve`` on a directory in use refuses to start
-    and names the process that holds it."""
+    One server per data directory: a second one refuses to start and names the first."""
     import logging
 
     import uvicorn
@@ -31,11 +52,11 @@ def serve(
     from gateway.app import create_app
     from gateway.limits import server_options
     from transcription.datadir import DataDirInUse, DataDirLock
-    from transcription.settings import GatewaySettings
 
     settings = build_settings(
         GatewaySettings, data_dir, host=host, port=port, concurrency=concurrency
     )
+    open_data_dir(settings)
     try:
         # Held until the process ends, however it ends; no other process can then hold leases
         # on this data directory's jobs, so the runner resumes a crashed run's jobs at once.
@@ -43,12 +64,16 @@ def serve(
     except DataDirInUse as exc:
         typer.echo(f"whisper: {exc}", err=True)
         raise typer.Exit(1) from None
+    log_path = _log_path(log_file, settings.data_dir)
+    typer.echo(
+        f"whisper: {describe_storage(settings)}, API on http://{settings.host}:{settings.port} "
+        f"(docs at /docs){f', log in {log_path.absolute()}' if log_path else ''}",
+        err=True,
+    )
+    if log_path is not None:
+        _redirect_output(log_path)
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    typer.echo(
-        f"whisper: data in {settings.data_dir.absolute()}, "
-        f"API on http://{settings.host}:{settings.port} (docs at /docs)"
     )
     try:
         uvicorn.run(
@@ -61,3 +86,36 @@ def serve(
         )
     finally:
         lock.release()
+
+
+def _log_path(log_file: str | None, data_dir: Path) -> Path | None:
+    """The file the log goes to, or None for the terminal (stderr)."""
+    if log_file == "-":
+        return None
+    if log_file:
+        return Path(log_file)
+    return data_dir / LOG_FILE_NAME if _in_background_at_a_terminal() else None
+
+
+def _in_background_at_a_terminal() -> bool:
+    """Whether stderr is a terminal this process does not own: a shell with job control put
+    it outside the terminal's foreground group, or a script's ``&`` gave it /dev/null as stdin."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        foreground = os.tcgetpgrp(sys.stderr.fileno()) == os.getpgrp()
+    except OSError:
+        return False
+    return not foreground or not sys.stdin.isatty()
+
+
+def _redirect_output(path: Path) -> None:
+    """Send all the process writes to ``path``: uvicorn's log, warnings, and what native
+    libraries print straight to file descriptors 1 and 2."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)

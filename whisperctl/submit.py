@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO
 
 import typer
 
-from transcription.states import FINISHED, Mode
+from transcription.states import Mode
 from transcription.transcript import OutputFormat
-
-RECONNECT_SECONDS = 120.0
+from whisperctl.client import (
+    DEFAULT_URL,
+    INTERRUPTED,
+    RECONNECT_SECONDS,
+    Code,
+    Service,
+    Url,
+    credit_code,
+    header_value,
+    job_path,
+)
+from whisperctl.options import in_a_directory
 
 
 class _ProgressReader:
@@ -34,35 +43,23 @@ class _ProgressReader:
         return self.file.tell()
 
 
-def _fail(response: Any) -> typer.Exit:
-    try:
-        error = response.json()["error"]
-        message = f"{error['message']} ({error['code']})"
-    except Exception:
-        message = response.text[:500] or response.reason_phrase
-    typer.echo(f"error: HTTP {response.status_code}: {message}", err=True)
-    return typer.Exit(2)
-
-
 def submit(
     file: Annotated[
-        Path, typer.Argument(exists=True, dir_okay=False, help="The .mp3 to transcribe.")
+        Path,
+        typer.Argument(exists=True, dir_okay=False, readable=True, help="The .mp3 to transcribe."),
     ],
-    code: Annotated[
-        str | None,
-        typer.Option(
-            envvar="WHISPER_CODE",
-            help="Your credit code. A flag shows in `ps` and shell history to anyone on the "
-            "machine: prefer WHISPER_CODE, or leave both out to be asked for it.",
-        ),
-    ] = None,
-    url: Annotated[
-        str, typer.Option(envvar="WHISPER_URL", help="The service's base URL.")
-    ] = "http://127.0.0.1:8000",
+    code: Code = None,
+    url: Url = DEFAULT_URL,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the transcript.")] = False,
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Save the transcript here (implies --wait)."),
+        typer.Option(
+            "-o",
+            "--output",
+            dir_okay=False,
+            callback=in_a_directory,
+            help="Save the transcript here (implies --wait).",
+        ),
     ] = None,
     fmt: Annotated[
         OutputFormat, typer.Option("--format", help="txt, srt, vtt or json.")
@@ -75,17 +72,30 @@ def submit(
     idempotency_key: Annotated[
         str | None, typer.Option(help="Retry-safe key: resubmitting it never charges twice.")
     ] = None,
+    cancel_on_interrupt: Annotated[
+        bool,
+        typer.Option(
+            "--cancel-on-interrupt",
+            help="Ctrl-C while waiting cancels the job (charged under the credit rules) "
+            "instead of leaving it running.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Upload FILE; with --wait or -o, show progress and write the transcript."""
-    import httpx
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    code = code or _ask_code()
-    headers = {"Authorization": f"Bearer {code}"}
-    if idempotency_key:
-        headers["Idempotency-Key"] = idempotency_key
+    from transcription.errors import InvalidRequest
+    from transcription.joboptions import check_language, check_prompt
+
+    try:
+        language, prompt = check_language(language), check_prompt(prompt)
+    except InvalidRequest as exc:  # refused here, not after the whole upload
+        raise typer.BadParameter(exc.message, param_hint=f"--{exc.param}") from None
+    headers = {}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = header_value(idempotency_key, "--idempotency-key")
     data = {
         k: v for k, v in {"language": language, "prompt": prompt, "mode": mode.value}.items() if v
     }
@@ -100,101 +110,55 @@ def submit(
         # Progress goes to stderr: stdout carries only the job ID or the transcript, for scripts.
         console=Console(stderr=True),
     )
-    with httpx.Client(
-        base_url=url.rstrip("/"), headers=headers, timeout=httpx.Timeout(60, read=600)
-    ) as client:
-        with progress, file.open("rb") as raw:
-            task = progress.add_task("uploading", total=file.stat().st_size)
-            reader = _ProgressReader(raw, lambda n: progress.advance(task, n))
-            try:
-                response = client.post(
+    with Service(url, credit_code(code)) as service:
+        try:
+            with progress, file.open("rb") as raw:
+                task = progress.add_task("uploading", total=file.stat().st_size)
+                reader = _ProgressReader(raw, lambda n: progress.advance(task, n))
+                job = service.call(
+                    "POST",
                     "/v1/transcriptions",
-                    files={"file": (file.name, reader, "audio/mpeg")},  # type: ignore[dict-item]
+                    files={"file": (file.name, reader, "audio/mpeg")},
                     data=data,
-                )
-            except httpx.HTTPError as exc:
-                typer.echo(f"error: cannot reach {url}: {exc}", err=True)
-                raise typer.Exit(2) from exc
-        if response.status_code != 202:
-            raise _fail(response)
-        job = response.json()
-        typer.echo(
-            f"job {job['id']}: {job['audio_seconds']:.1f} s of audio, "
-            f"{job['reserved_seconds']} s of credit reserved",
-            err=True,
-        )
-        if not (wait or output):
-            typer.echo(job["id"])
-            return
-        job = _follow(client, job, progress.console, quiet)
-        if job["status"] != "succeeded":
-            error = job.get("error") or {}
+                    headers=headers,
+                ).json()
+        except KeyboardInterrupt:
             typer.echo(
-                f"job {job['id']} {job['status']}: {error.get('message', '')} "
-                "(the credit was refunded)",
+                "interrupted before the service answered; had the upload finished, the job "
+                "runs all the same: `whisperctl jobs list` shows it",
                 err=True,
             )
-            raise typer.Exit(1)
-        transcript = _get(client, f"/v1/transcriptions/{job['id']}/transcript.{fmt}", job["id"])
-        if transcript.status_code != 200:
-            raise _fail(transcript)
+            raise typer.Exit(INTERRUPTED) from None
+        job_id = job["id"]
+        # From here on the job exists: Ctrl-C, whenever it comes, must name it.
+        try:
+            typer.echo(
+                f"job {job_id}: {job['audio_seconds']:.1f} s of audio, "
+                f"{job['reserved_seconds']} s of credit reserved",
+                err=True,
+            )
+            if not (wait or output):
+                typer.echo(job_id)
+                return
+            job = service.follow(job, quiet=quiet)
+            if job["status"] != "succeeded":
+                why = (job.get("error") or {}).get("message")
+                typer.echo(
+                    f"job {job_id} {job['status']}{f': {why}' if why else ''} "
+                    f"({job['charged_seconds'] or 0} s charged)",
+                    err=True,
+                )
+                raise typer.Exit(1)
+            transcript = service.call(
+                "GET",
+                job_path(job_id, f"/transcript.{fmt}"),
+                patience=RECONNECT_SECONDS,
+                job_id=job_id,
+            )
+        except KeyboardInterrupt:
+            raise service.interrupted(job_id, cancel=cancel_on_interrupt) from None
     if output is None:
         sys.stdout.write(transcript.text)
     else:
         output.write_bytes(transcript.content)
         typer.echo(f"transcript saved to {output} ({job['charged_seconds']} s charged)", err=True)
-
-
-def _ask_code() -> str:
-    """The code typed at the terminal without echo; a script without one fails at once rather
-    than wait for an answer that never comes."""
-    if not sys.stdin.isatty():
-        typer.echo("error: no credit code: set WHISPER_CODE (or pass --code)", err=True)
-        raise typer.Exit(2)
-    code: str = typer.prompt("Credit code", hide_input=True, err=True)
-    return code.strip()
-
-
-def _get(client: Any, path: str, job_id: str) -> Any:
-    """GET ``path``, riding out a restart of the service: connection errors are retried for
-    ``RECONNECT_SECONDS`` (the job is durable and resumes when the service is back)."""
-    import httpx
-
-    deadline = time.monotonic() + RECONNECT_SECONDS
-    while True:
-        try:
-            return client.get(path)
-        except httpx.TransportError as exc:
-            if time.monotonic() > deadline:
-                typer.echo(
-                    f"error: lost contact with the service ({exc}); job {job_id} carries on "
-                    f"there: fetch it later from /v1/transcriptions/{job_id}",
-                    err=True,
-                )
-                raise typer.Exit(2) from exc
-            time.sleep(1.0)
-
-
-def _follow(client: Any, job: dict[str, Any], console: Any, quiet: bool) -> dict[str, Any]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>5.1f}%"),
-        TimeElapsedColumn(),
-        disable=quiet,
-        transient=True,
-        console=console,
-    ) as bar:
-        task = bar.add_task("queued", total=1.0)
-        delay = 0.25
-        while job["status"] not in FINISHED:
-            time.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
-            response = _get(client, f"/v1/transcriptions/{job['id']}", job["id"])
-            if response.status_code != 200:
-                raise _fail(response)
-            job = response.json()
-            bar.update(task, completed=job["progress"], description=job["status"])
-    return job

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from transcription import ledger
 from transcription.db.models import CreditCode
-from transcription.errors import NotFound
+from transcription.errors import Conflict, NotFound
 from transcription.resources import (
     CC_PLURAL,
     GROUP,
@@ -273,17 +273,20 @@ def reconcile_code(body: kopf.Body, uid: str, memo: kopf.Memo, **_: Any) -> None
             ).record
             notes.append(f"Minted a code worth {spec.seconds} s into its Secret.")
         # Level-based, so a replay after a restart adds nothing twice.
-        if spec.seconds > record.budget_seconds:
-            added = spec.seconds - record.budget_seconds
-            record = ledger.top_up(session, code_id, added)
-            notes.append(f"Topped up by {added} s.")
-        elif spec.seconds < record.budget_seconds:
-            notes.append(
-                f"spec.seconds cannot lower the budget below {record.budget_seconds} s; "
-                "budgets only grow."
-            )
-        if spec.max_uses != record.max_uses:
-            ledger.set_max_uses(session, code_id, spec.max_uses)
+        try:
+            if spec.seconds > record.budget_seconds:
+                added = spec.seconds - record.budget_seconds
+                record = ledger.top_up(session, code_id, added)
+                notes.append(f"Topped up by {added} s.")
+            elif spec.seconds < record.budget_seconds:
+                notes.append(
+                    f"spec.seconds cannot lower the budget below {record.budget_seconds} s; "
+                    "budgets only grow."
+                )
+            if spec.max_uses != record.max_uses:
+                ledger.set_max_uses(session, code_id, spec.max_uses)
+        except Conflict as exc:  # revoked by an admin: no retry could ever apply the spec
+            notes.append(exc.message)
         if spec.expires_at != record.expires_at:
             ledger.set_expiry(session, code_id, spec.expires_at)
         if spec.label != record.label:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -222,6 +223,16 @@ def test_codes_live_in_postgresql_when_database_url_says_so(
         (["revoke", "wt_not-a-real-code"], "The credit code is not valid"),
         (["top-up", "cc_0000000000000000", "--seconds", "0"], "Invalid value for '--seconds'"),
         (["top-up", "cc_0000000000000000", "--seconds", "5"], "No credit code with ID"),
+        (["create", "--seconds", "99999999999999999999"], "budget must be from 1 to 2000000000"),
+        (["create", "--seconds", "2000000001"], "Invalid value for --seconds"),
+        (["create", "--max-uses", "99999999999999999999"], "max_uses must be from 1 to"),
+        (["create", "--expires", "999999999d"], "999999999d is too far in the future"),
+        (["create", "--expires", "99999999999999999999w"], "is too far in the future"),
+        (["top-up", "cc_0000000000000000"], "give --seconds, --max-uses or --expires"),
+        (["top-up", "cc_0000000000000000", "--expires", "999999999d"], "too far in the future"),
+        (["show", ""], "Invalid value for CODE: is empty"),
+        (["show", " wt_padded "], "has spaces or line breaks around it"),
+        (["revoke", "cc_padded\n"], "has spaces or line breaks around it"),
     ],
 )
 def test_bad_input_fails_clearly_and_changes_nothing(
@@ -234,6 +245,81 @@ def test_bad_input_fails_clearly_and_changes_nothing(
     assert result.stdout == ""
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert json.loads(codes("list", "--json").stdout) == []
+
+
+def test_a_budget_create_accepts_is_one_top_up_can_grow(codes: Codes) -> None:
+    """The largest budget minting accepts is the most a top-up reaches: both follow one rule."""
+    info = create(codes, "--seconds", "1999999990")
+    assert codes("top-up", info["id"], "--seconds", "10").exit_code == 0
+    refused = codes("top-up", info["id"], "--seconds", "1")
+    assert refused.exit_code == 2
+    assert "at most 0 s can be added" in plain(refused.stderr)
+    assert "Traceback" not in refused.output
+    assert show(codes, info["id"])["budget_seconds"] == 2_000_000_000
+
+
+def test_top_up_of_a_revoked_code_is_refused(codes: Codes) -> None:
+    """Seconds, uses or a new expiry for a revoked code: exit 1 saying why, nothing changed."""
+    info = create(codes, "--seconds", "60")
+    assert codes("revoke", info["id"]).exit_code == 0
+    for change in (["--seconds", "60"], ["--max-uses", "3"], ["--expires", "30d"]):
+        result = codes("top-up", info["id"], *change)
+        assert result.exit_code == 1, result.output
+        assert "error: This credit code has been revoked, for good" in result.stderr
+        assert "issue a new code instead" in result.stderr
+        assert result.stdout == ""
+    after = show(codes, info["id"])
+    assert (after["budget_seconds"], after["max_uses"], after["expires_at"]) == (60, 1, None)
+
+
+def test_top_up_of_a_used_up_code_says_seconds_do_not_help(codes: Codes, data_dir: Path) -> None:
+    """A code whose uses are spent stays unusable after a top-up of seconds, and says so;
+    ``--max-uses`` is what makes it usable again."""
+    from tests.transcription.test_ledger import submit_job
+    from transcription.db.session import Database
+    from transcription.settings import CoreSettings
+
+    info = create(codes, "--seconds", "60")
+    database = Database(CoreSettings(data_dir=data_dir).resolved_database_url())
+    try:
+        submit_job(database, info["id"], 30)
+    finally:
+        database.dispose()
+    topped = codes("top-up", info["id"], "--seconds", "600")
+    assert topped.exit_code == 0, topped.output
+    assert "note: This credit code has been used 1 of 1 times." in topped.stderr
+    assert "seconds do not help; allow more jobs with --max-uses" in topped.stderr
+    assert show(codes, info["id"])["state"] == "exhausted"
+    raised = codes("top-up", info["id"], "--max-uses", "2", "--json")
+    assert raised.exit_code == 0, raised.output
+    assert "note:" not in raised.stderr
+    assert json.loads(raised.stdout)["state"] == "active"
+    assert (show(codes, info["id"])["max_uses"], show(codes, info["id"])["uses"]) == (2, 1)
+
+
+def test_top_up_moves_the_expiry_of_an_expired_code(codes: Codes) -> None:
+    """Seconds do not revive an expired code (the note says to move the expiry); ``--expires``
+    does, and ``never`` lifts it."""
+    info = create(codes, "--expires", "1s")
+    time.sleep(1.1)
+    topped = codes("top-up", info["code"], "--seconds", "60")
+    assert topped.exit_code == 0, topped.output
+    assert "It still cannot start a job: move the expiry with --expires" in topped.stderr
+    extended = json.loads(codes("top-up", info["id"], "--expires", "30d", "--json").stdout)
+    assert extended["state"] == "active"
+    assert datetime.fromisoformat(extended["expires_at"]) > datetime.now(UTC) + timedelta(days=29)
+    assert (
+        json.loads(codes("top-up", info["id"], "--expires", "never", "--json").stdout)["expires_at"]
+        is None
+    )
+
+
+def test_verbose_names_the_data_directory(codes: Codes, data_dir: Path) -> None:
+    for args in (["create", "-v"], ["list", "--verbose"]):
+        result = codes(*args)
+        assert result.exit_code == 0, result.output
+        assert f"whisper: data in {data_dir.absolute()}" in result.stderr
+    assert "data in" not in codes("list").stderr
 
 
 def test_cli_codes_pay_on_a_server_with_the_same_data_dir(

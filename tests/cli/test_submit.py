@@ -147,12 +147,13 @@ def test_code_and_url_come_from_the_environment(server: Server, mp3_5s: Path) ->
     assert credits(server, code)["uses"] == 1
 
 
-def test_used_code_exits_2_with_the_api_message(server: Server, mp3_5s: Path) -> None:
-    """A single-use code that already paid fails with status 2 and the server's reason."""
+def test_used_code_exits_1_with_the_api_message(server: Server, mp3_5s: Path) -> None:
+    """A single-use code that already paid fails with status 1 (a refusal, not a usage error)
+    and the server's reason."""
     code = server.create_code()
     assert submit(str(mp3_5s), "--code", code, "--url", server.base_url).returncode == 0
     result = submit(str(mp3_5s), "--code", code, "--url", server.base_url)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stdout == ""
     assert "HTTP 402: This credit code has been used 1 of 1 times. (code_used)" in result.stderr
     assert "Traceback" not in result.stderr

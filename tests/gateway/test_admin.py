@@ -179,6 +179,13 @@ def test_a_revoked_code_cannot_start_jobs(client: TestClient, mp3_5s: Path, how:
     assert response.status_code == 402
     assert response.json()["error"]["code"] == "code_revoked"
     assert credits(client, issued.code)["state"] == "revoked"
+    # Revocation is for good: more seconds or uses are refused rather than seeming applied.
+    for body in ({"add_seconds": 60}, {"max_uses": 5}):
+        refused = client.patch(f"/v1/admin/codes/{issued.id}", json=body, headers=ADMIN)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"]["code"] == "code_revoked"
+    unchanged = admin_get(client, f"/v1/admin/codes/{issued.id}")
+    assert (unchanged["budget_seconds"], unchanged["max_uses"]) == (3600, 1)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from tests.operator.conftest import (
     wait_for,
 )
 from tests.operator.test_operator import phase, submit_direct
-from transcription import resources
+from transcription import ledger, resources
 from transcription.db.session import Database
 
 ROOT = Path(__file__).parent.parent.parent
@@ -66,6 +66,18 @@ def test_a_credit_code_applied_as_yaml_works_at_the_gateway_until_deleted(
     wait_for(lambda: code_status(cluster, name).get("budgetSeconds") == 5400, what="top-up",
              log=operator.log)  # fmt: skip
     assert gateway.get("/v1/credits", headers=auth(code)).json()["budget_seconds"] == 5400
+
+    # Revoked by an admin while its CreditCode lives on: a later top-up is reported in the
+    # status, not retried for ever.
+    with op_db.transaction() as session:
+        ledger.revoke(session, status["codeId"])
+    cluster.custom.patch_namespaced_custom_object(
+        resources.GROUP, resources.VERSION, NAMESPACE, "creditcodes", name,
+        {"spec": {"seconds": 7200}}, _content_type="application/merge-patch+json",
+    )  # fmt: skip
+    wait_for(lambda: "revoked, for good" in code_status(cluster, name).get("message", ""),
+             what="the refused top-up reported", log=operator.log)  # fmt: skip
+    assert code_status(cluster, name)["budgetSeconds"] == 5400
 
     cluster.delete("creditcodes", name)
     wait_for(lambda: gateway.get("/v1/credits", headers=auth(code)).json().get("state")

@@ -21,6 +21,7 @@ from transcription.db.session import Database
 from transcription.errors import (
     CodeExpired,
     CodeRevoked,
+    Conflict,
     InsufficientCredit,
     InvalidRequest,
     Unauthenticated,
@@ -334,6 +335,42 @@ def test_top_up_adds_budget(db: Database) -> None:
             ledger.top_up(session, code_id, 0)
     submit_job(db, code_id, 25)
     assert counters(db, code_id) == {"budget": 30, "reserved": 25, "spent": 0, "uses": 1}
+
+
+def test_minting_and_topping_up_share_one_budget_rule(db: Database) -> None:
+    """A budget minting refuses is one no top-up can reach, and the other way round: no code
+    exists that a later top-up would refuse for its size alone."""
+    largest = ledger.MAX_BUDGET_SECONDS
+    for seconds in (0, largest + 1, 10**20):
+        with pytest.raises(InvalidRequest, match="budget must be from 1 to"):
+            issue(db, seconds)
+    for max_uses in (0, ledger.MAX_USES + 1):
+        with pytest.raises(InvalidRequest, match="max_uses must be from 1 to"):
+            issue(db, 60, max_uses=max_uses)
+    code_id = issue(db, largest - 10).record.id
+    with (
+        pytest.raises(InvalidRequest, match="at most 10 s can be added") as refused,
+        db.transaction() as session,
+    ):
+        ledger.top_up(session, code_id, 11)
+    assert refused.value.param == "add_seconds"
+    with db.transaction() as session:
+        assert ledger.top_up(session, code_id, 10).budget_seconds == largest
+
+
+def test_a_revoked_code_gets_no_more_seconds_or_uses(db: Database) -> None:
+    """Revocation is for good: a top-up or a higher max_uses is refused, not silently kept."""
+    code_id = issue(db, 60).record.id
+    with db.transaction() as session:
+        ledger.revoke(session, code_id)
+    for change in (
+        lambda session: ledger.top_up(session, code_id, 60),
+        lambda session: ledger.set_max_uses(session, code_id, 5),
+    ):
+        with pytest.raises(Conflict, match="revoked") as refused, db.transaction() as session:
+            change(session)
+        assert refused.value.code == "code_revoked"
+    assert counters(db, code_id) == {"budget": 60, "reserved": 0, "spent": 0, "uses": 0}
 
 
 def test_max_uses_cannot_drop_below_the_uses_made(db: Database) -> None:

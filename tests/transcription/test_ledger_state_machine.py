@@ -40,6 +40,7 @@ from transcription.db.session import Database
 from transcription.errors import (
     CodeExpired,
     CodeRevoked,
+    Conflict,
     CreditError,
     InsufficientCredit,
     InvalidRequest,
@@ -475,6 +476,10 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), seconds=st.integers(1, 300))
     def top_up(self, data: st.DataObject, seconds: int) -> None:
         code_id, code = self._pick_code(data)
+        if code.revoked:
+            with pytest.raises(Conflict), self.db.transaction() as session:
+                ledger.top_up(session, code_id, seconds)
+            return
         with self.db.transaction() as session:
             assert ledger.top_up(session, code_id, seconds).budget_seconds == code.budget + seconds
         code.budget += seconds
@@ -485,9 +490,13 @@ class LedgerMachine(RuleBasedStateMachine):
         try:
             with self.db.transaction() as session:
                 ledger.set_max_uses(session, code_id, max_uses)
+        except Conflict:
+            assert code.revoked
+            return
         except InvalidRequest:
             assert max_uses < code.uses
             return
+        assert not code.revoked
         assert max_uses >= code.uses
         code.max_uses = max_uses
 
