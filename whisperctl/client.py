@@ -14,6 +14,7 @@ from urllib.parse import quote
 import typer
 
 from transcription.states import FINISHED
+from transcription.transcript import OutputFormat
 from whisperctl.options import exact
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ Code = Annotated[
 ]
 Url = Annotated[str, typer.Option(envvar="WHISPER_URL", help="The service's base URL.")]
 JobId = Annotated[str, typer.Argument(help="The job's ID (tr_…).", show_default=False)]
+Format = Annotated[OutputFormat, typer.Option("--format", help="txt, srt, vtt or json.")]
 
 
 def credit_code(given: str | None) -> str:

@@ -11,7 +11,16 @@ import typer
 
 from transcription.states import FINISHED, JobStatus
 from transcription.transcript import OutputFormat
-from whisperctl.client import DEFAULT_URL, Code, JobId, Service, Url, credit_code, job_path
+from whisperctl.client import (
+    DEFAULT_URL,
+    Code,
+    Format,
+    JobId,
+    Service,
+    Url,
+    credit_code,
+    job_path,
+)
 from whisperctl.options import JsonOutput, in_a_directory, print_record
 
 app = typer.Typer(
@@ -155,9 +164,7 @@ def delete(job_id: JobId, code: Code = None, url: Url = DEFAULT_URL) -> None:
 @app.command()
 def transcript(
     job_id: JobId,
-    fmt: Annotated[
-        OutputFormat, typer.Option("--format", help="txt, srt, vtt or json.")
-    ] = OutputFormat.TXT,
+    fmt: Format = OutputFormat.TXT,
     output: Annotated[
         Path | None,
         typer.Option(

@@ -15,6 +15,7 @@ from whisperctl.client import (
     INTERRUPTED,
     RECONNECT_SECONDS,
     Code,
+    Format,
     Service,
     Url,
     credit_code,
@@ -61,9 +62,7 @@ def submit(
             help="Save the transcript here (implies --wait).",
         ),
     ] = None,
-    fmt: Annotated[
-        OutputFormat, typer.Option("--format", help="txt, srt, vtt or json.")
-    ] = OutputFormat.TXT,
+    fmt: Format = OutputFormat.TXT,
     language: Annotated[str | None, typer.Option(help="Spoken language, e.g. en.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Words or spellings to expect.")] = None,
     mode: Annotated[
