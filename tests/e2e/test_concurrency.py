@@ -18,16 +18,24 @@ from tests.fixtures.server import Server
 SUBMISSIONS = 50
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The server's database: its data directory's SQLite, or a fresh PostgreSQL schema. Asked
+    for before the server, so the schema is dropped only after the server has stopped (dropping
+    it under a running server deadlocks with the server's own queries)."""
+    if request.param == "postgresql":
+        return {"DATABASE_URL": request.getfixturevalue("pg_url")}
+    return {}
+
+
 def test_single_use_code_pays_for_exactly_one_of_50_concurrent_uploads(
-    database: str,
-    request: pytest.FixtureRequest,
+    database_env: dict[str, str],
     start_server: Callable[..., Server],
     mp3_5s: Path,
 ) -> None:
     """One upload is accepted, 49 get 402 ``code_used``, none a 5xx; the code is charged once,
     nothing of the refused uploads is kept and the log holds neither tracebacks nor the code."""
-    env = {"DATABASE_URL": request.getfixturevalue("pg_url")} if database == "postgresql" else {}
+    env = dict(database_env)
     # Without the caps on uploads in flight, which would refuse most of them (429) before they
     # race for the credit, the race this test is about.
     env |= {"WHISPER_MAX_UPLOADS": "0", "WHISPER_MAX_UPLOADS_PER_CODE": "0"}
