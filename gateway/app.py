@@ -13,14 +13,18 @@ from fastapi.responses import HTMLResponse
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from gateway import errors
+from gateway.jobwatch import JobNotifier
 from gateway.limits import BodyLimit
+from gateway.metrics import HttpMetrics
 from gateway.ratelimit import FailedAuthLimiter
+from gateway.requestid import RequestId
 from gateway.routers import admin, credits, health, openai_compat, transcriptions
 from gateway.runners import JobRunner, LocalJobRunner
 from gateway.services import Services
 from gateway.uploads import UploadSlots
 from transcriber.engines import Engine, build_engine, default_concurrency
 from transcriber.pipeline import Pipeline
+from transcription import metrics
 from transcription.blobstore import open_blob_store
 from transcription.db.migrate import upgrade
 from transcription.db.session import Database
@@ -43,7 +47,8 @@ def build_services(
     if settings.migrate_on_start:
         upgrade(db.engine)
     blobs = open_blob_store(settings.resolved_blob_url())
-    lc = Lifecycle(db, blobs)
+    notifier = JobNotifier()
+    lc = Lifecycle(db, blobs, on_change=notifier.notify)
     runner: JobRunner
     engine_name: str
     model_name: str | None
@@ -73,13 +78,16 @@ def build_services(
         db=db,
         blobs=blobs,
         lifecycle=lc,
+        notifier=notifier,
         runner=runner,
         code_key=settings.code_key(),
         engine_name=engine_name,
         model_name=model_name,
         uploads=UploadSlots(total=settings.max_uploads, per_code=settings.max_uploads_per_code),
         auth_limiter=FailedAuthLimiter(
-            settings.auth_failure_limit, settings.auth_failure_window_seconds
+            settings.auth_failure_limit,
+            settings.auth_failure_window_seconds,
+            settings.auth_failure_delay,
         ),
     )
     services.upload_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -110,9 +118,11 @@ def create_app(
         services = build_services(settings, engine, exclusive=exclusive)
         app.state.services = services
         services.runner.start()
+        unregister_metrics = metrics.register_database_collector(services.db)
         try:
             yield
         finally:
+            unregister_metrics()
             services.runner.stop()
             services.db.dispose()
 
@@ -128,13 +138,19 @@ def create_app(
         # trusted proxies appended; the failed-auth limit counts against it.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     if settings.max_body_bytes or settings.body_timeout:
-        # Added last, so it runs first: a body is bounded before anything else reads it.
+        # Added after the others that read requests, so it runs before them: a body is bounded
+        # before anything else reads it.
         app.add_middleware(
             BodyLimit,
             max_bytes=settings.max_body_bytes,
             timeout=settings.body_timeout,
             uploads=UPLOAD_ROUTES,
         )
+    # Outside the limits, so the requests they refuse are counted too.
+    app.add_middleware(HttpMetrics)
+    # Around all the others, so every answer (a refusal too) carries the request's ID, as does
+    # every line logged while serving it.
+    app.add_middleware(RequestId)
     for module in (transcriptions, openai_compat, credits, admin, health):
         app.include_router(module.router)
 

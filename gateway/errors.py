@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.ratelimit import penalty
+from gateway.requestid import HEADER
 from transcription import errors as e
+from transcription import logs
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,8 @@ def _headers(request: Request, status: int) -> dict[str, str]:
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, e.DomainError)
+    if delay := penalty(request):
+        await asyncio.sleep(delay)
     status, type_ = status_for(exc, openai=getattr(request.state, "openai_dialect", False))
     body = error_body(exc.message, type_, exc.code, exc.param, **exc.details())
     headers = _headers(request, status)
@@ -124,10 +130,15 @@ async def _unstorable_value(request: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
+    headers = _headers(request, 500)
+    request_id = logs.request_id.get()
+    if request_id is not None:
+        # Starlette answers this one from outside every middleware, gateway.requestid's too.
+        headers[HEADER] = request_id
     return JSONResponse(
         error_body("The server hit an unexpected error.", "server_error", "internal_error"),
         status_code=500,
-        headers=_headers(request, 500),
+        headers=headers,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.jobwatch import JobNotifier
 from gateway.ratelimit import FailedAuthLimiter
 from gateway.runners import JobRunner
 from gateway.uploads import UploadSlots
@@ -20,6 +21,7 @@ class Services:
     db: Database
     blobs: BlobStore
     lifecycle: Lifecycle
+    notifier: JobNotifier
     runner: JobRunner
     code_key: bytes
     engine_name: str

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NotRequired, TypedDict, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -22,8 +23,19 @@ from transcription.errors import ClusterUnavailable, InvalidRequest
 from transcription.joboptions import check_language, check_mode, check_prompt
 from transcription.states import Mode
 
-JobOptions = dict[str, str | None]
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
+
+
+class JobOptions(TypedDict):
+    """What a submission asks of its job; ``temperature`` is left out unless given, so a request
+    that does not set it hashes as it did before it existed (``Idempotency-Key`` replays)."""
+
+    language: str | None
+    prompt: str | None
+    mode: str
+    temperature: NotRequired[float]
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,15 @@ async def accept_upload(
     except ClusterUnavailable:
         await run_in_threadpool(withdraw_job, services, job.id)
         raise
+    # The line that ties the request's ID to the job's.
+    log.info(
+        "job %s accepted: %.1f s of audio, %s s reserved, %s mode",
+        job.id,
+        job.audio_seconds,
+        job.reserved_seconds,
+        job.mode,
+        extra={"job_id": job.id},
+    )
     return Accepted(job.id, job, form)
 
 
@@ -160,6 +181,7 @@ def _create_job(
                     language=options["language"],
                     prompt=options["prompt"],
                     mode=options["mode"] or Mode.FAST.value,
+                    temperature=options.get("temperature"),
                     engine=services.engine_name,
                     model=services.model_name,
                 ),

@@ -20,6 +20,7 @@ from typing import IO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from transcription import metrics
 from transcription.errors import (
     DomainError,
     InvalidRequest,
@@ -224,6 +225,8 @@ async def receive_upload(
         },
     )
     upload.release = slots.acquire(holder)
+    received = 0
+    metrics.UPLOADS_IN_FLIGHT.inc()
     try:
         chunks = request.stream()
         while True:
@@ -237,6 +240,7 @@ async def receive_upload(
                     f"No part of the upload arrived for {idle_timeout:g} s; send it again.",
                     param=file_field,
                 ) from None
+            received += len(chunk)
             parser.write(chunk)
         parser.finalize()
         if not receiver.ended:
@@ -252,6 +256,9 @@ async def receive_upload(
         if isinstance(exc, Exception):
             raise InvalidRequest("The multipart body could not be parsed.") from exc
         raise
+    finally:
+        metrics.UPLOADS_IN_FLIGHT.dec()
+        metrics.UPLOAD_BYTES.inc(received)
     receiver.close()
     if upload.path is None:
         upload.discard()

@@ -2,9 +2,9 @@
 the blob store (the result record) and in a JSON termination message.
 
 The pod holds no database credentials: it reads its audio and writes transcripts, checkpoints,
-progress and the result record under its job's prefix, nothing else. The operator finishes the
-job from the Job's outcome and the result record. Exit codes are the contract with the Job's pod
-failure policy: 0 when the result is written (or there is nothing left to do),
+progress, engine usage and the result record under its job's prefix, nothing else. The operator
+finishes the job from the Job's outcome and the result record. Exit codes are the contract with
+the Job's pod failure policy: 0 when the result is written (or there is nothing left to do),
 ``USER_ERROR_EXIT`` when the audio itself is at fault, anything else for faults a retry may cure.
 """
 
@@ -20,9 +20,11 @@ from pydantic import Field, ValidationError
 
 from transcriber.engines import Engine, build_engine
 from transcriber.pipeline import AudioMissing, JobCancelled, Pipeline
+from transcription import metrics
 from transcription.blobstore import open_blob_store
 from transcription.errors import DomainError
-from transcription.jobfiles import JobFiles, RunRequest
+from transcription.jobfiles import EngineUsage, JobFiles, RunRequest
+from transcription.logs import configure_logging, job_context, secret_values
 from transcription.resources import USER_ERROR_EXIT
 from transcription.settings import WorkerSettings
 
@@ -68,6 +70,7 @@ def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = 
     """Transcribe the request's audio and write the result record; returns the exit code."""
     blobs = open_blob_store(settings.resolved_blob_url())
     files = JobFiles(blobs)
+    meter = metrics.EngineMeter()
     outcome: dict[str, Any] = {"jobId": request.job_id}
     code = 0
     try:
@@ -88,7 +91,8 @@ def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = 
                 return True
 
             result = pipeline.run(request, progress)
-            files.write_result(result)
+            usage = _engine_usage(files, request.job_id, meter)
+            files.write_result(result.model_copy(update={"engine_usage": usage}))
             outcome["outcome"] = result.outcome
             if result.error is not None:
                 outcome["error"] = result.error.model_dump()
@@ -103,6 +107,7 @@ def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = 
         # make it resume.
         outcome.update(outcome="retrying", error={"code": exc.code, "message": exc.message})
         code = 1
+        _keep_engine_usage(files, request.job_id, meter)
     except Exception as exc:
         log.exception("transcription of %s failed", request.job_id)
         outcome.update(
@@ -110,8 +115,25 @@ def run_job(settings: JobSettings, request: RunRequest, engine: Engine | None = 
             error={"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
         )
         code = 1
+        _keep_engine_usage(files, request.job_id, meter)
     _write(settings.termination_message_path, termination_message(outcome))
     return code
+
+
+def _engine_usage(files: JobFiles, job_id: str, meter: metrics.EngineMeter) -> EngineUsage:
+    """What the engine did in this pod and in the job's earlier pods that left no result."""
+    earlier = files.read_engine_usage(job_id) or EngineUsage()
+    return earlier.plus(meter.usage())
+
+
+def _keep_engine_usage(files: JobFiles, job_id: str, meter: metrics.EngineMeter) -> None:
+    """Leave what the engine did for the job's next pod to carry on or, if none follows, for
+    the operator: a run that fails writes no result record."""
+    try:
+        files.write_engine_usage(job_id, _engine_usage(files, job_id, meter))
+    except Exception:
+        # Only metrics are lost; the outcome must still be reported.
+        log.warning("could not save the engine usage of %s", job_id, exc_info=True)
 
 
 def _write(path: Path, text: str) -> None:
@@ -124,8 +146,12 @@ def _write(path: Path, text: str) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("WHISPER_LOG_LEVEL", "INFO"))
     settings = JobSettings()
+    configure_logging(
+        os.environ.get("WHISPER_LOG_LEVEL", "INFO"),
+        settings.log_format,
+        secrets=secret_values(settings),
+    )
     try:
         request = RunRequest.from_env(os.environ)
     except ValidationError as exc:
@@ -137,4 +163,5 @@ def main() -> int:
         }
         _write(settings.termination_message_path, termination_message(outcome))
         return 1
-    return run_job(settings, request)
+    with job_context(request.job_id):
+        return run_job(settings, request)

@@ -111,6 +111,7 @@ class Pipeline:
             mode=request.mode,
             on_progress=reporter,
             checkpoints=BlobCheckpoints(self.blobs, jobfiles.checkpoint_prefix(request.job_id)),
+            temperature=request.temperature,
         )
 
     @contextmanager

@@ -184,3 +184,37 @@ class EngineUnavailable(TranscriptionFailed):
     rate limits, outages, timeouts, a refused key. Not the audio's fault."""
 
     code = "engine_unavailable"
+
+
+def _codes(cls: type[DomainError]) -> set[str]:
+    return {cls.code}.union(*(_codes(sub) for sub in cls.__subclasses__()))
+
+
+#: Every error code the project itself gives: its error classes' and those named where a job is
+#: failed or an error raised (engines, lifecycle, runners, operator, transcriber, gateway). A
+#: code outside it came from somewhere untrusted, such as a transcriber pod's record.
+KNOWN_CODES: frozenset[str] = frozenset(
+    _codes(DomainError)
+    | {
+        # transcriber engines
+        "engine_error",
+        "engine_rate_limited",
+        "engine_rejected",
+        "engine_timeout",
+        "engine_unauthorized",
+        "engine_unreachable",
+        # lifecycle, runners, operator and transcriber
+        "audio_missing",
+        "audio_rejected",
+        "internal_error",
+        "invalid_job_environment",
+        "invalid_spec",
+        "job_lost",
+        "transcript_missing",
+        "worker_lost",
+        # gateway
+        "missing_code",
+        "model_not_found",
+        "transcription_cancelled",
+    }
+)

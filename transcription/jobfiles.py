@@ -1,9 +1,10 @@
 """A job's files in the blob store: the one key layout, the records a run leaves, and clean-up.
 
 Everything a run needs or makes while the job is unfinished lives under ``jobs/<id>/work/`` (the
-audio, checkpoints, progress and the result record), so one prefix delete removes it when the job
-reaches a final state. Transcripts sit beside it and stay until the user deletes them. A run only
-ever writes; deleting is the lifecycle's, so a losing second run never removes a winner's files.
+audio, checkpoints, progress, engine usage and the result record), so one prefix delete removes
+it when the job reaches a final state. Transcripts sit beside it and stay until the user deletes
+them. A run only ever writes; deleting is the lifecycle's, so a losing second run never removes a
+winner's files.
 """
 
 from __future__ import annotations
@@ -11,9 +12,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from transcription.blobstore import BlobNotFound, BlobStore
 from transcription.db.models import Job, utcnow
@@ -51,6 +60,11 @@ def result_key(job_id: str) -> str:
     return f"{work_prefix(job_id)}/result.json"
 
 
+def engine_usage_key(job_id: str) -> str:
+    """What the job's runs that left no result record asked of their engine."""
+    return f"{work_prefix(job_id)}/engine-usage.json"
+
+
 def transcript_key(job_id: str, fmt: OutputFormat | str) -> str:
     return f"{job_prefix(job_id)}/transcript.{fmt}"
 
@@ -72,6 +86,7 @@ class RunRequest(_Record):
     mode: Mode = Mode.FAST
     language: str | None = None
     prompt: str | None = None
+    temperature: float | None = None
 
     @classmethod
     def of(cls, job: Job) -> RunRequest:
@@ -82,6 +97,7 @@ class RunRequest(_Record):
             mode=Mode(job.mode),
             language=job.language,
             prompt=job.prompt,
+            temperature=job.temperature,
         )
 
     def env(self) -> dict[str, str]:
@@ -112,9 +128,49 @@ class RunError(_Record):
     message: str
 
 
+#: Caps on what a record may claim its engine did: far above any real job, and low enough that a
+#: compromised transcriber pod (it decodes untrusted audio) cannot wreck the counters it feeds.
+MAX_ENGINE_COUNT = 1_000_000
+MAX_ENGINE_BYTES = 1 << 40
+MAX_MODEL_LOADS = 16
+MAX_MODEL_LOAD_SECONDS = 86_400.0
+
+# "error" (no answer) or a three-digit HTTP status: a bounded set of metric labels.
+_RequestStatus = Annotated[str, StringConstraints(pattern=r"^(error|[1-9][0-9]{2})$")]
+_Count = Annotated[int, Field(ge=0, le=MAX_ENGINE_COUNT)]
+
+
+class EngineUsage(_Record):
+    """What a job's runs asked of their engine, for the operator's engine metrics: nobody
+    scrapes the short-lived transcriber pods that run it."""
+
+    openai_requests: dict[_RequestStatus, _Count] = Field(default_factory=dict)
+    openai_retries: _Count = 0
+    openai_bytes_sent: int = Field(0, ge=0, le=MAX_ENGINE_BYTES)
+    model_loads: int = Field(0, ge=0, le=MAX_MODEL_LOADS)
+    model_load_seconds: float = Field(0.0, ge=0, le=MAX_MODEL_LOAD_SECONDS)
+
+    def plus(self, other: EngineUsage) -> EngineUsage:
+        """Both together, each figure held to its cap."""
+        requests = dict(self.openai_requests)
+        for status, count in other.openai_requests.items():
+            requests[status] = min(requests.get(status, 0) + count, MAX_ENGINE_COUNT)
+        return EngineUsage(
+            openai_requests=requests,
+            openai_retries=min(self.openai_retries + other.openai_retries, MAX_ENGINE_COUNT),
+            openai_bytes_sent=min(
+                self.openai_bytes_sent + other.openai_bytes_sent, MAX_ENGINE_BYTES
+            ),
+            model_loads=min(self.model_loads + other.model_loads, MAX_MODEL_LOADS),
+            model_load_seconds=min(
+                self.model_load_seconds + other.model_load_seconds, MAX_MODEL_LOAD_SECONDS
+            ),
+        )
+
+
 class RunResult(_Record):
     """What a finished run leaves for whoever finishes the job: the transcript's facts, or why
-    the audio was refused. It never finishes the job itself."""
+    the audio was refused, and what its engine did. It never finishes the job itself."""
 
     version: Literal[1] = 1
     job_id: str
@@ -127,6 +183,17 @@ class RunResult(_Record):
     model: str | None = None
     engine: str | None = None
     error: RunError | None = None
+    engine_usage: EngineUsage | None = None
+
+    @field_validator("engine_usage", mode="wrap")
+    @classmethod
+    def _usage_or_none(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # Usage beyond its bounds is dropped, not the transcript and the settlement with it.
+        try:
+            return handler(value)
+        except ValidationError:
+            log.warning("ignoring the engine usage of a result record: out of bounds")
+            return None
 
 
 class JobFiles:
@@ -158,6 +225,16 @@ class JobFiles:
     def read_result(self, job_id: str) -> RunResult | None:
         return self._read(result_key(job_id), RunResult)
 
+    def write_engine_usage(self, job_id: str, usage: EngineUsage) -> None:
+        self.blobs.put_bytes(
+            engine_usage_key(job_id),
+            usage.model_dump_json().encode(),
+            content_type="application/json",
+        )
+
+    def read_engine_usage(self, job_id: str) -> EngineUsage | None:
+        return self._read(engine_usage_key(job_id), EngineUsage)
+
     def has_audio(self, job_id: str, key: str | None = None) -> bool:
         return self.blobs.exists(key or audio_key(job_id))
 
@@ -171,7 +248,12 @@ class JobFiles:
             if transcripts:
                 self.delete_transcripts(job_id)
         except Exception:
-            log.warning("could not remove the files of job %s", job_id, exc_info=True)
+            log.warning(
+                "could not remove the files of job %s",
+                job_id,
+                exc_info=True,
+                extra={"job_id": job_id},
+            )
 
     def delete_transcripts(self, job_id: str) -> None:
         for fmt in FORMATS:

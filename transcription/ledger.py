@@ -32,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, make_transient_to_detached
 
+from transcription import metrics
 from transcription.db.models import CreditCode, Job, LedgerEntry, UTCDateTime, utcnow
 from transcription.errors import (
     CodeExpired,
@@ -215,6 +216,7 @@ def reserve(session: Session, job: Job) -> None:
     # The row exists now: let the session track the object without inserting it again.
     make_transient_to_detached(job)
     session.add(job)
+    metrics.credit_reserved(session, seconds)
 
 
 def reservation_params(job: Job) -> dict[str, object]:
@@ -339,6 +341,7 @@ def settle(session: Session, job_id: str, charged_seconds: int) -> int | None:
     )
     job.charged_seconds = charged
     session.flush()
+    metrics.credit_resolved(session, reserved=job.reserved_seconds, charged=charged)
     return charged
 
 
@@ -367,6 +370,7 @@ def release(session: Session, job_id: str) -> bool:
     )
     job.charged_seconds = 0
     session.flush()
+    metrics.credit_resolved(session, reserved=job.reserved_seconds, charged=0)
     return True
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.orm import Session
 
-from transcription import ledger
+from transcription import ledger, metrics
 from transcription.blobstore import BlobStore
 from transcription.db.models import Job, Transcript, utcnow
 from transcription.db.session import Database
@@ -50,6 +50,7 @@ class NewJob:
     engine: str
     model: str | None
     job_id: str | None = None
+    temperature: float | None = None
 
 
 def new_job_id() -> str:
@@ -66,6 +67,7 @@ def submit(session: Session, new: NewJob) -> Job:
     """Create a queued job and reserve its credit in the caller's transaction."""
     job = queued_job(new)
     ledger.reserve(session, job)
+    metrics.job_created(session, job)
     return job
 
 
@@ -84,6 +86,7 @@ def queued_job(new: NewJob) -> Job:
         reserved_seconds=ledger.seconds_to_reserve(new.audio_seconds),
         language=new.language,
         prompt=new.prompt,
+        temperature=new.temperature,
         mode=new.mode,
         engine=new.engine,
         model=new.model,
@@ -121,6 +124,8 @@ def _transition(
         return None
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
+    if to in FINISHED:
+        metrics.job_finished(session, job)
     return job
 
 
@@ -145,7 +150,7 @@ def _fail(
         return None
     ledger.release(session, job_id)
     session.refresh(job)
-    log.warning("job %s failed: %s", job_id, code)
+    log.warning("job %s failed: %s", job_id, code, extra={"job_id": job_id})
     return job
 
 
@@ -153,9 +158,14 @@ class Lifecycle:
     """The job state machine over one database and the job's files; each method is its own
     transaction, durable before it returns."""
 
-    def __init__(self, db: Database, blobs: BlobStore) -> None:
+    def __init__(
+        self, db: Database, blobs: BlobStore, *, on_change: Callable[[str], None] | None = None
+    ) -> None:
         self.db = db
         self.files = JobFiles(blobs)
+        # Called with a job's ID once a change to what the API shows of it is committed, so
+        # whoever waits on the job in this process hears of it before their next re-read.
+        self.on_change = on_change or (lambda _job_id: None)
 
     def get(self, job_id: str) -> Job:
         with self.db.read() as session:
@@ -206,7 +216,14 @@ class Lifecycle:
                 attempts=Job.attempts + 1,
             )
         with self.db.transaction() as session:
-            return _transition(session, job_id, JobStatus.RUNNING, **values)
+            job = _transition(session, job_id, JobStatus.RUNNING, **values)
+            if job is not None:
+                metrics.job_started(session, job)
+                if lease_owner is not None:
+                    metrics.attempt_started(session, job.attempts)
+        if job is not None:
+            self.on_change(job_id)
+        return job
 
     def begin_attempt(self, job_id: str) -> int | None:
         """Count one more attempt at an unfinished job; its new count, or None once finished."""
@@ -217,7 +234,10 @@ class Lifecycle:
                 .values(attempts=Job.attempts + 1, updated_at=utcnow())
                 .returning(Job.attempts)
             )
-            return result.scalar_one_or_none()
+            attempts = result.scalar_one_or_none()
+            if attempts is not None:
+                metrics.attempt_started(session, attempts)
+            return attempts
 
     def renew(self, job_id: str, lease_owner: str, lease_seconds: float) -> bool:
         """Extend the worker's lease; False once the job is no longer its to run."""
@@ -248,7 +268,10 @@ class Lifecycle:
                 .values(progress=fraction, updated_at=utcnow())
                 .execution_options(synchronize_session=False)
             )
-            return result.rowcount == 1  # type: ignore[attr-defined]
+            recorded: bool = result.rowcount == 1  # type: ignore[attr-defined]
+        if recorded:
+            self.on_change(job_id)
+        return recorded
 
     def finish(
         self, job_id: str, result: RunResult, *, lease_owner: str | None = None
@@ -284,7 +307,10 @@ class Lifecycle:
             ledger.settle(session, job_id, seconds_to_charge(job.audio_seconds, job))
             session.flush()
             session.refresh(job)
-        log.info("job %s succeeded, charged %s s", job_id, job.charged_seconds)
+        self.on_change(job_id)
+        log.info(
+            "job %s succeeded, charged %s s", job_id, job.charged_seconds, extra={"job_id": job_id}
+        )
         self.tidy(job)
         return job
 
@@ -296,6 +322,7 @@ class Lifecycle:
         with self.db.transaction() as session:
             job = _fail(session, job_id, code, message, lease_owner)
         if job is not None:
+            self.on_change(job_id)
             self.tidy(job)
         return job
 
@@ -342,7 +369,10 @@ class Lifecycle:
                 )
                 ledger.settle(session, job_id, seconds_to_charge(done, job))
             session.refresh(job)
-        log.info("job %s cancelled, charged %s s", job_id, job.charged_seconds)
+        self.on_change(job_id)
+        log.info(
+            "job %s cancelled, charged %s s", job_id, job.charged_seconds, extra={"job_id": job_id}
+        )
         self.tidy(job)
         return job
 
@@ -397,8 +427,12 @@ class Lifecycle:
                     .execution_options(synchronize_session=False)
                 )
                 if result.rowcount == 1:  # type: ignore[attr-defined]
-                    log.warning("job %s lost its worker; queued again", job_id)
+                    log.warning(
+                        "job %s lost its worker; queued again", job_id, extra={"job_id": job_id}
+                    )
                     requeued.append(job_id)
+        for job_id in [*requeued, *(job.id for job in failed)]:
+            self.on_change(job_id)
         for job in failed:
             self.tidy(job)
         return requeued

@@ -28,6 +28,9 @@ ComputeType = Literal[
     "float32",
 ]
 
+#: How log lines are written; auto = json unless stderr is a terminal (transcription.logs).
+LogFormat = Literal["auto", "json", "text"]
+
 #: The per-user data directory's application name: ~/.local/share/whisperctl on Linux.
 APP_NAME = "whisperctl"
 KEY_FILE_NAME = "code-secret"
@@ -77,6 +80,17 @@ class CoreSettings(BaseSettings):
         ge=1,
         description="Times a job is started before a lost worker or vanished Job fails it "
         "(refunded).",
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port serving Prometheus metrics at /metrics, apart from the API; 0 = off.",
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics port listens on.")
+    log_format: LogFormat = Field(
+        "auto",
+        description="Log lines as json or text; auto = json unless stderr is a terminal.",
     )
 
     def _require_shared_state(self, who: str) -> None:
@@ -258,6 +272,14 @@ class GatewaySettings(WorkerSettings):
     )
     auth_failure_window_seconds: int = Field(
         60, ge=1, description="The moving window of auth_failure_limit, in seconds."
+    )
+    auth_failure_delay: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="Seconds a wrong credit code or admin token (and a refusal under "
+        "auth_failure_limit) waits before it is answered, so a guesser gets at most one answer "
+        "per connection per delay; 0 = answer at once.",
     )
     kubernetes_timeout: float = Field(
         5.0,

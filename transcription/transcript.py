@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 
@@ -25,10 +27,25 @@ MEDIA_TYPES: dict[str, str] = {
 }
 
 
+#: A cue longer than two subtitle lines of 42 characters is cut at a word.
+MAX_CUE_CHARS = 84
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word and when it is spoken; ``probability`` is the decoder's confidence, when known."""
+
+    word: str
+    start: float
+    end: float
+    probability: float | None = None
+
+
 @dataclass(frozen=True)
 class Segment:
     """One timed piece of text; times are seconds from the start of the audio. The decoder's
-    confidence figures are kept when the engine reports them (OpenAI's ``verbose_json`` has them)."""
+    confidence figures and its words are kept when the engine reports them."""
 
     id: int
     start: float
@@ -38,6 +55,32 @@ class Segment:
     avg_logprob: float | None = None
     compression_ratio: float | None = None
     no_speech_prob: float | None = None
+    words: tuple[Word, ...] | None = None
+
+
+def cues(words: Sequence[Word]) -> list[list[Word]]:
+    """``words`` in subtitle-sized runs: each sentence on its own, and a sentence longer than
+    ``MAX_CUE_CHARS`` cut after its last comma that fits, or else its last word that fits."""
+    runs: list[list[Word]] = []
+    run: list[Word] = []
+    for word in words:
+        if run and len(text_of([*run, word])) > MAX_CUE_CHARS:
+            commas = [i for i, w in enumerate(run[:-1], 1) if w.word.rstrip().endswith(",")]
+            cut = commas[-1] if commas and commas[-1] * 2 >= len(run) else len(run)
+            runs.append(run[:cut])
+            run = run[cut:]
+        run.append(word)
+        if _SENTENCE_END.search(word.word.strip()):
+            runs.append(run)
+            run = []
+    if run:
+        runs.append(run)
+    return runs
+
+
+def text_of(words: Sequence[Word]) -> str:
+    """The text ``words`` spell; each word carries the space before it, as Whisper decodes it."""
+    return "".join(w.word for w in words).strip()
 
 
 @dataclass
@@ -85,7 +128,8 @@ def to_vtt(result: TranscriptResult) -> str:
 
 
 def to_json(result: TranscriptResult) -> str:
-    """OpenAI ``verbose_json``-like shape, so existing tooling can read it."""
+    """OpenAI ``verbose_json``-like shape, so existing tooling can read it; each segment carries
+    its ``words`` when the engine timed them."""
     payload = {
         "text": result.text,
         "language": result.language,
@@ -98,11 +142,23 @@ def to_json(result: TranscriptResult) -> str:
                 "start": round(s.start, 3),
                 "end": round(s.end, 3),
                 "text": s.text.strip(),
+                **({"words": [_word(w) for w in s.words]} if s.words is not None else {}),
             }
             for s in result.segments
         ],
     }
     return json.dumps(payload, ensure_ascii=False, indent=2) + "\n"
+
+
+def _word(word: Word) -> dict[str, object]:
+    timed: dict[str, object] = {
+        "word": word.word.strip(),
+        "start": round(word.start, 3),
+        "end": round(word.end, 3),
+    }
+    if word.probability is not None:
+        timed["probability"] = round(word.probability, 4)
+    return timed
 
 
 RENDERERS = {"txt": to_txt, "srt": to_srt, "vtt": to_vtt, "json": to_json}

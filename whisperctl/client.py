@@ -4,10 +4,12 @@ following a job and what Ctrl-C while following says."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
@@ -127,16 +129,21 @@ class Service:
                 if time.monotonic() < deadline:
                     time.sleep(1.0)
                     continue
-                carries_on = (
-                    f"; job {job_id} carries on there: {self.command('jobs show', job_id)}"
-                    if job_id
-                    else ""
-                )
-                typer.echo(f"error: cannot reach {self.url}: {exc}{carries_on}", err=True)
-                raise typer.Exit(2) from None
+                raise self.unreachable(exc, job_id) from None
         if not response.is_success:
             raise self.refusal(response)
         return response
+
+    def unreachable(self, exc: Exception, job_id: str | None) -> typer.Exit:
+        """Say the service cannot be reached (and that ``job_id`` carries on there); the command
+        then exits 2."""
+        carries_on = (
+            f"; job {job_id} carries on there: {self.command('jobs show', job_id)}"
+            if job_id
+            else ""
+        )
+        typer.echo(f"error: cannot reach {self.url}: {exc}{carries_on}", err=True)
+        return typer.Exit(2)
 
     def refusal(self, response: httpx.Response) -> typer.Exit:
         """Print the server's own reason for refusing; the command then exits 1."""
@@ -182,7 +189,7 @@ class Service:
         return job
 
     def follow(self, job: dict[str, Any], *, quiet: bool) -> dict[str, Any]:
-        """Poll the job until it finishes, with a progress bar on stderr (stdout carries only
+        """Follow the job until it finishes, with a progress bar on stderr (stdout carries only
         results, for scripts)."""
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -197,16 +204,40 @@ class Service:
             console=Console(stderr=True),
         ) as bar:
             task = bar.add_task(job["status"], total=1.0, completed=job["progress"])
-            delay = 0.25
-            while job["status"] not in FINISHED:
-                time.sleep(delay)
-                delay = min(delay * 1.5, 2.0)
-                response = self.call(
-                    "GET", job_path(job["id"]), patience=RECONNECT_SECONDS, job_id=job["id"]
-                )
-                job = response.json()
-                bar.update(task, completed=job["progress"], description=job["status"])
+            if job["status"] not in FINISHED:
+                for update in self.events(job["id"]):
+                    job = update
+                    bar.update(task, completed=job["progress"], description=job["status"])
         return job
+
+    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The job now and at each change, from its event stream, until it finishes. A dropped
+        stream is opened again (its first event is the job as it is then, so nothing is
+        missed) for as long as a restart of the service may take."""
+        import httpx
+
+        last_id: str | None = None
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with self.http.stream(
+                    "GET", job_path(job_id, "/events"), headers=headers
+                ) as response:
+                    if not response.is_success:
+                        response.read()
+                        raise self.refusal(response)
+                    for event in server_sent_events(response.iter_lines()):
+                        deadline = time.monotonic() + RECONNECT_SECONDS
+                        last_id = event.get("id", last_id)
+                        job: dict[str, Any] = json.loads(event["data"])
+                        yield job
+                        if job["status"] in FINISHED:
+                            return
+            except httpx.TransportError as exc:
+                if time.monotonic() >= deadline:
+                    raise self.unreachable(exc, job_id) from None
+                time.sleep(1.0)
 
     def cancel(self, job_id: str) -> tuple[bool, str]:
         """Cancel the job under the credit rules: whether it was cancelled, and what it cost or
@@ -241,3 +272,18 @@ class Service:
                 err=True,
             )
         return typer.Exit(INTERRUPTED)
+
+
+def server_sent_events(lines: Iterable[str]) -> Iterator[dict[str, str]]:
+    """The events of a ``text/event-stream``, each as its fields (``event``, ``id``, ``data``);
+    comments and events without data are skipped."""
+    event: dict[str, str] = {}
+    for line in lines:
+        if not line:
+            if "data" in event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            event[name] = f"{event[name]}\n{value}" if name == "data" and name in event else value

@@ -20,13 +20,16 @@ def operator(
     import kopf
 
     import transcription_operator  # noqa: F401  (registers the handlers)
+    from transcription.logs import configure_logging, secret_values
     from transcription.settings import OperatorSettings
     from whisperctl.options import build_settings
 
     # Refused here with one clear line, not retried for ever inside kopf's startup handler.
-    build_settings(OperatorSettings, None)
+    settings = build_settings(OperatorSettings, None)
 
-    kopf.configure(verbose=False)
+    # Instead of kopf.configure: kopf's lines come out as the rest of the service's do, in one
+    # format with the same fields (its JSON would name them differently).
+    configure_logging("INFO", settings.log_format, secrets=secret_values(settings))
     kopf.run(
         standalone=True,
         clusterwide=not namespace,

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from transcription.settings import GatewaySettings
+from transcription.settings import GatewaySettings, LogFormat
 from whisperctl.options import DataDir, build_settings, describe_storage, open_data_dir
 
 LOG_FILE_NAME = "serve.log"
@@ -29,6 +29,14 @@ def serve(
     concurrency: Annotated[
         int | None, typer.Option(help="Transcriptions at once.", show_default="automatic")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port serving Prometheus metrics at /metrics, apart from the API (address: "
+            "WHISPER_METRICS_HOST, default 127.0.0.1); 0: off.",
+            show_default=_default("metrics_port"),
+        ),
+    ] = None,
     data_dir: DataDir = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     log_file: Annotated[
@@ -41,6 +49,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(
+            help="json lines or human text; auto: json unless stderr is a terminal "
+            "(env WHISPER_LOG_FORMAT).",
+            show_default=_default("log_format"),
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP API and the local Whisper workers (SQLite, local files, bundled tiny.en).
 
@@ -48,13 +64,21 @@ def serve(
     import logging
 
     import uvicorn
+    from prometheus_client import start_http_server
 
     from gateway.app import create_app
     from gateway.limits import server_options
     from transcription.datadir import DataDirInUse, DataDirLock
+    from transcription.logs import configure_logging, secret_values, use_json
 
     settings = build_settings(
-        GatewaySettings, data_dir, host=host, port=port, concurrency=concurrency
+        GatewaySettings,
+        data_dir,
+        host=host,
+        port=port,
+        concurrency=concurrency,
+        metrics_port=metrics_port,
+        log_format=log_format,
     )
     open_data_dir(settings)
     try:
@@ -64,23 +88,40 @@ def serve(
     except DataDirInUse as exc:
         typer.echo(f"whisper: {exc}", err=True)
         raise typer.Exit(1) from None
+    metrics_url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    if settings.metrics_port:
+        try:
+            # Its own port and thread: the API port never answers /metrics.
+            start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        except OSError as exc:
+            lock.release()
+            typer.echo(f"whisper: cannot serve metrics on {metrics_url}: {exc.strerror}", err=True)
+            raise typer.Exit(1) from None
     log_path = _log_path(log_file, settings.data_dir)
-    typer.echo(
+    # Decided by the stderr the user started it with, before a redirection to the log file: a
+    # server backgrounded at a terminal writes text for the person who will tail its log.
+    json_lines = use_json(settings.log_format, sys.stderr)
+    started = (
         f"whisper: {describe_storage(settings)}, API on http://{settings.host}:{settings.port} "
-        f"(docs at /docs){f', log in {log_path.absolute()}' if log_path else ''}",
-        err=True,
+        f"(docs at /docs){f', metrics on {metrics_url}' if settings.metrics_port else ''}"
+        f"{f', log in {log_path.absolute()}' if log_path else ''}"
     )
+    if log_path is not None or not json_lines:
+        typer.echo(started, err=True)
     if log_path is not None:
         _redirect_output(log_path)
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level, "json" if json_lines else "text", secrets=secret_values(settings))
+    if log_path is None and json_lines:
+        # On a JSON stream even this line is a JSON line.
+        logging.getLogger("whisperctl").info(started)
     try:
         uvicorn.run(
             create_app(settings, exclusive=True),
             host=settings.host,
             port=settings.port,
             log_level=log_level,
+            # Ours (transcription.logs), not uvicorn's: its lines come out in the same format.
+            log_config=None,
             timeout_graceful_shutdown=10,
             **server_options(settings),
         )

@@ -3,7 +3,11 @@ written for the OpenAI SDK works with a credit code as its API key.
 
 A request runs the normal job (same intake, credit and idempotency rules) and waits for it. Past
 ``sync_wait_seconds`` it answers ``409 transcription_pending`` with the job's ID (in ``param``
-and ``job_id``) to poll at ``/v1/transcriptions/{id}``; the job goes on. A caller that hangs up
+and ``job_id``) to poll at ``/v1/transcriptions/{id}``; the job goes on. With ``stream=true``
+the answer is server-sent events in OpenAI's shapes: the finished transcript's segments as
+``transcript.text.delta`` events, then ``transcript.text.done`` (a transcript is never shown
+before its job has succeeded, so the deltas come at the end), or an event carrying
+``{"error": …}``, which the OpenAI SDK raises. A caller that hangs up
 before the answer cancels its job under the credit rules of every cancel: a job still queued is
 refunded in full and its use given back; a running one is charged the audio already transcribed
 and its use stays spent, so hanging up never buys transcription for free. (The OpenAI SDK sends
@@ -14,15 +18,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from gateway.deps import CodeDep, ServicesDep
-from gateway.errors import openai_dialect
+from gateway.errors import error_body, openai_dialect, status_for
 from gateway.routers.transcriptions import find_job
 from gateway.schemas import ErrorResponse
 from gateway.services import Services
@@ -45,13 +51,23 @@ from transcription.errors import (
     TranscriptionFailed,
     TranscriptionPending,
 )
+from transcription.languages import name_of
 from transcription.states import CreditState, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(openai_dialect)])
 
 DEFAULT_MODEL = "whisper-1"
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+STREAMED_FORMATS = ("json", "text")
 GRANULARITIES = ("timestamp_granularities[]", "timestamp_granularities")
+TIMESTAMPS = ("word", "segment")
+#: OpenAI's fields that ask for what only its gpt-4o models do, each refused by name.
+UNSUPPORTED = {
+    "include[]": "log probabilities (include[]=logprobs) are not available from Whisper.",
+    "include": "log probabilities (include[]=logprobs) are not available from Whisper.",
+    "known_speaker_names[]": "speaker diarization is not available.",
+    "known_speaker_references[]": "speaker diarization is not available.",
+}
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the access log does
 _POLL_FIRST, _POLL_MAX = 0.05, 1.0
 
@@ -66,6 +82,8 @@ class Form:
 
     model: str
     response_format: str
+    timestamps: frozenset[str] = frozenset()
+    stream: bool = False
 
 
 def accepted_models(services: Services) -> list[str]:
@@ -89,6 +107,16 @@ def parse_form(upload: Upload, services: Services) -> tuple[JobOptions, Form]:
             f"response_format must be one of {', '.join(RESPONSE_FORMATS)}.",
             param="response_format",
         )
+    for name, why in UNSUPPORTED.items():
+        if any(v.strip() for v in upload.fields.get(name, [])):
+            raise InvalidRequest(f"{name} is not supported here: {why}", param=name)
+    strategy = (upload.field("chunking_strategy") or "auto").strip()
+    if strategy != "auto":
+        raise InvalidRequest(
+            "chunking_strategy can only be 'auto': the audio is cut at quiet points.",
+            param="chunking_strategy",
+        )
+    options = job_options(upload, services)
     temperature = upload.field("temperature")
     if temperature is not None and temperature.strip():
         try:
@@ -97,15 +125,24 @@ def parse_form(upload: Upload, services: Services) -> tuple[JobOptions, Form]:
             value = -1.0
         if not 0.0 <= value <= 1.0:
             raise InvalidRequest("temperature must be a number from 0 to 1.", param="temperature")
-    granularities = {g.strip() for name in GRANULARITIES for g in upload.fields.get(name, [])}
-    if granularities - {"segment"}:
+        options["temperature"] = value
+    timestamps = frozenset(g.strip() for name in GRANULARITIES for g in upload.fields.get(name, []))
+    if timestamps - set(TIMESTAMPS) or (timestamps and response_format != "verbose_json"):
         raise InvalidRequest(
-            "Only segment timestamps are available; ask for timestamp_granularities[]=segment.",
+            "timestamp_granularities[] takes 'word' and 'segment', with "
+            "response_format=verbose_json.",
             param="timestamp_granularities[]",
         )
-    if (upload.field("stream") or "").strip().lower() == "true":
-        raise InvalidRequest("Streaming transcriptions are not available.", param="stream")
-    return job_options(upload, services), Form(model, response_format)
+    stream = (upload.field("stream") or "false").strip().lower()
+    if stream not in ("true", "false") or (
+        stream == "true" and response_format not in STREAMED_FORMATS
+    ):
+        raise InvalidRequest(
+            "stream=true answers with response_format json or text; verbose_json, srt and vtt "
+            "are not streamed.",
+            param="stream",
+        )
+    return options, Form(model, response_format, timestamps, stream == "true")
 
 
 @router.post(
@@ -120,10 +157,11 @@ def parse_form(upload: Upload, services: Services) -> tuple[JobOptions, Form]:
         model={"type": "string", "example": DEFAULT_MODEL},
         response_format={"type": "string", "enum": list(RESPONSE_FORMATS)},
         temperature={"type": "number", "minimum": 0, "maximum": 1},
+        stream={"type": "boolean", "default": False},
         **{
             "timestamp_granularities[]": {
                 "type": "array",
-                "items": {"type": "string", "enum": ["segment"]},
+                "items": {"type": "string", "enum": list(TIMESTAMPS)},
             }
         },
     ),
@@ -135,11 +173,17 @@ async def create_transcription(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> Response:
     """Upload an mp3 with the credit code as bearer token; answers with the transcript in the
-    requested ``response_format`` when the job is done. ``temperature`` is accepted and left to
-    the engine's own decoding."""
+    requested ``response_format`` when the job is done, or streams it with ``stream=true``.
+    ``temperature`` is the first temperature of the engine's decoding."""
     accepted = await accept_upload(
         request, services, code, idempotency_key, lambda upload: parse_form(upload, services)
     )
+    if accepted.form.stream:
+        return StreamingResponse(
+            _stream(request, services, accepted.job_id, accepted.form),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     finished = await _wait(request, services, accepted.job_id)
     if finished is None:
         await run_in_threadpool(cancel_job, services, accepted.job_id)
@@ -173,6 +217,49 @@ async def _wait(
             )
         await asyncio.sleep(min(delay, left))
         delay = min(delay * 2, _POLL_MAX)
+
+
+async def _stream(
+    request: Request, services: Services, job_id: str, form: Form
+) -> AsyncIterator[str]:
+    """The job's outcome as server-sent events; a caller that hangs up before the end cancels
+    the job as a non-streamed caller does."""
+    answered = False
+    try:
+        try:
+            finished = await _wait(request, services, job_id)
+        except DomainError as exc:
+            answered = True
+            yield _event(_error(exc))
+            return
+        if finished is None:
+            return
+        job, transcript = finished
+        answered = True
+        if job.status != JobStatus.SUCCEEDED.value or transcript is None:
+            yield _event(_error(_outcome_error(job)))
+            return
+        stored = await run_in_threadpool(_stored, services, job)
+        texts = [s["text"] for s in stored.get("segments", []) if s["text"]]
+        for i, text in enumerate(texts):
+            # Joined, the deltas spell the done event's text: segments are joined by a space.
+            yield _event({"type": "transcript.text.delta", "delta": (" " if i else "") + text})
+        yield _event({"type": "transcript.text.done", "text": transcript.text})
+    finally:
+        if not answered:
+            # Also when the server cancelled this generator because the caller hung up.
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(cancel_job, services, job_id)
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _error(exc: DomainError) -> dict[str, Any]:
+    """The body a non-streamed call would have answered ``exc`` with."""
+    _status, type_ = status_for(exc, openai=True)
+    return error_body(exc.message, type_, exc.code, exc.param, **exc.details())
 
 
 def _fetch(services: Services, job_id: str) -> tuple[Job, Transcript | None]:
@@ -215,17 +302,33 @@ def _render(services: Services, job: Job, transcript: Transcript, form: Form) ->
     usage = {"type": "duration", "seconds": job.charged_seconds or 0}
     if fmt == "json":
         return JSONResponse({"text": transcript.text, "usage": usage})
-    stored = json.loads(services.blobs.get_bytes(jobfiles.transcript_key(job.id, "json")))
-    return JSONResponse(
-        {
-            "task": "transcribe",
-            "language": transcript.language or "",
-            "duration": transcript.duration_seconds,
-            "text": transcript.text,
-            "segments": [_segment(s) for s in stored.get("segments", [])],
-            "usage": usage,
-        }
+    segments = _stored(services, job).get("segments", [])
+    verbose: dict[str, Any] = {
+        "task": "transcribe",
+        "language": name_of(transcript.language),
+        "duration": transcript.duration_seconds,
+        "text": transcript.text,
+    }
+    # OpenAI's rule: segments unless only words were asked for.
+    if "segment" in form.timestamps or not form.timestamps:
+        verbose["segments"] = [_segment(s) for s in segments]
+    if "word" in form.timestamps:
+        # A transcript stored before words were timed has none.
+        verbose["words"] = [_word(w) for s in segments for w in s.get("words", [])]
+    return JSONResponse({**verbose, "usage": usage})
+
+
+def _stored(services: Services, job: Job) -> dict[str, Any]:
+    """The job's stored JSON transcript."""
+    stored: dict[str, Any] = json.loads(
+        services.blobs.get_bytes(jobfiles.transcript_key(job.id, "json"))
     )
+    return stored
+
+
+def _word(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored word in OpenAI's shape, which has no probability."""
+    return {"word": stored["word"], "start": stored["start"], "end": stored["end"]}
 
 
 def _segment(stored: dict[str, Any]) -> dict[str, Any]:

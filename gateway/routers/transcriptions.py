@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select, true
 
 from gateway.deps import CodeDep, ReadSessionDep, ServicesDep
+from gateway.jobwatch import watch
 from gateway.pagination import newest_first
 from gateway.schemas import ErrorResponse, ListResponse, TranscriptionOut
 from gateway.services import Services
@@ -26,6 +31,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse}
     for status in (400, 401, 402, 404, 408, 409, 413, 415, 422, 429, 503)
 }
+#: Longest wait ``?wait=`` allows: under the timeouts proxies commonly put on a request.
+MAX_WAIT_SECONDS = 60
+#: Seconds between comments on a quiet event stream, so proxies do not close it as idle.
+KEEPALIVE_SECONDS = 15.0
 
 
 def find_job(session: Any, code: CreditCode | None, job_id: str) -> tuple[Job, Transcript | None]:
@@ -121,11 +130,88 @@ def list_transcriptions(
     )
 
 
+def _read(services: Services, code: CreditCode, job_id: str) -> TranscriptionOut:
+    with services.db.read() as session:
+        job, transcript = find_job(session, code, job_id)
+        return TranscriptionOut.build(job, transcript, with_text=True)
+
+
 @router.get("/{job_id}", response_model=TranscriptionOut, responses=ERRORS)
-def get_transcription(session: ReadSessionDep, code: CodeDep, job_id: str) -> TranscriptionOut:
+async def get_transcription(
+    request: Request,
+    services: ServicesDep,
+    code: CodeDep,
+    job_id: str,
+    wait: Annotated[
+        float | None,
+        Query(
+            gt=0,
+            le=MAX_WAIT_SECONDS,
+            description="Answer as soon as the job has finished, or after this many seconds "
+            f"(at most {MAX_WAIT_SECONDS}) with the job as it is then.",
+        ),
+    ] = None,
+) -> TranscriptionOut:
     """A job's status, progress, credit and, once done, its transcript text and links."""
-    job, transcript = find_job(session, code, job_id)
-    return TranscriptionOut.build(job, transcript, with_text=True)
+    read = partial(_read, services, code, job_id)
+    if wait is None:
+        return await run_in_threadpool(read)
+    latest = None
+    async for job in watch(services.notifier, job_id, read, seconds=wait):
+        latest = job
+        if await request.is_disconnected():
+            break
+    assert latest is not None
+    return latest
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "Server-sent events: the job now, its progress, its final state.",
+        },
+    },
+)
+async def transcription_events(
+    services: ServicesDep,
+    code: CodeDep,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    """Follow a job as server-sent events: at once an event named after its status, then
+    ``progress`` events, then ``succeeded``, ``failed`` or ``cancelled``, after which the stream
+    ends. Every event's data is the job as ``GET /v1/transcriptions/{id}`` shows it."""
+    read = partial(_read, services, code, job_id)
+    await run_in_threadpool(read)  # an unknown ID is a 404, not an empty stream
+    counted = re.fullmatch(r"[0-9]{1,18}", last_event_id or "")
+    return StreamingResponse(
+        _events(watch(services.notifier, job_id, read), int(counted[0]) if counted else 0),
+        media_type="text/event-stream",
+        # Proxies that buffer responses (nginx) would hold the events back.
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _events(jobs: AsyncIterator[TranscriptionOut], last_id: int) -> AsyncIterator[str]:
+    """The stream's text: one event per change of status or progress, a comment when quiet."""
+    yield "retry: 2000\n\n"
+    shown: tuple[str, float] | None = None
+    sent = time.monotonic()
+    async for job in jobs:
+        seen = (job.status.value, job.progress)
+        if seen == shown:
+            if time.monotonic() - sent >= KEEPALIVE_SECONDS:
+                yield ": keep-alive\n\n"
+                sent = time.monotonic()
+            continue
+        name = job.status.value if shown is None or shown[0] != seen[0] else "progress"
+        last_id += 1
+        yield f"id: {last_id}\nevent: {name}\ndata: {job.model_dump_json()}\n\n"
+        shown, sent = seen, time.monotonic()
 
 
 @router.get(

@@ -80,11 +80,18 @@ class KubernetesJobRunner:
         except ApiException as exc:
             if exc.status == 409:
                 return
-            log.warning("could not create TranscriptionJob %s (%s)", job_id, exc.reason)
+            log.warning(
+                "could not create TranscriptionJob %s (%s)",
+                job_id,
+                exc.reason,
+                extra={"job_id": job_id},
+            )
             raise self._unavailable() from exc
         except Exception as exc:
             # urllib3's errors: refused, unreachable, or no answer within the timeout.
-            log.warning("could not create TranscriptionJob %s (%s)", job_id, exc)
+            log.warning(
+                "could not create TranscriptionJob %s (%s)", job_id, exc, extra={"job_id": job_id}
+            )
             raise self._unavailable() from exc
 
     def _unavailable(self) -> ClusterUnavailable:
@@ -110,6 +117,16 @@ class KubernetesJobRunner:
             )
         except ApiException as exc:
             if exc.status != 404:
-                log.warning("could not delete TranscriptionJob %s (%s)", job_id, exc.reason)
+                log.warning(
+                    "could not delete TranscriptionJob %s (%s)",
+                    job_id,
+                    exc.reason,
+                    extra={"job_id": job_id},
+                )
         except Exception:
-            log.warning("could not delete TranscriptionJob %s", job_id, exc_info=True)
+            log.warning(
+                "could not delete TranscriptionJob %s",
+                job_id,
+                exc_info=True,
+                extra={"job_id": job_id},
+            )

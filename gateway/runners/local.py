@@ -22,6 +22,7 @@ from transcription.db.models import utcnow
 from transcription.errors import DomainError
 from transcription.jobfiles import RunRequest
 from transcription.lifecycle import Lifecycle
+from transcription.logs import job_context
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +60,15 @@ class Heartbeat:
         self._thread.join()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
-            try:
-                self.held = self.lc.renew(self.job_id, self.owner, self.lease_seconds)
-            except Exception:
-                # A missed renewal is not a lost lease; the next beat tries again.
-                log.warning("could not renew the lease of %s", self.job_id, exc_info=True)
-            if not self.held:
-                return
+        with job_context(self.job_id):
+            while not self._stop.wait(self.lease_seconds / 3):
+                try:
+                    self.held = self.lc.renew(self.job_id, self.owner, self.lease_seconds)
+                except Exception:
+                    # A missed renewal is not a lost lease; the next beat tries again.
+                    log.warning("could not renew the lease of %s", self.job_id, exc_info=True)
+                if not self.held:
+                    return
 
 
 class LocalJobRunner:
@@ -182,11 +184,12 @@ class LocalJobRunner:
                 return
             with self._pending_lock:
                 self._pending.discard(job_id)
-            try:
-                self.run(job_id)
-            except Exception:
-                # The job keeps its lease until it expires, then runs again or fails.
-                log.exception("worker crashed on job %s", job_id)
+            with job_context(job_id):
+                try:
+                    self.run(job_id)
+                except Exception:
+                    # The job keeps its lease until it expires, then runs again or fails.
+                    log.exception("worker crashed on job %s", job_id)
 
     def run(self, job_id: str) -> None:
         """Take a queued job through the pipeline and finish it: succeed, fail or let it go."""

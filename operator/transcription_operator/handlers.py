@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from transcription import ledger
 from transcription.db.models import CreditCode
 from transcription.errors import Conflict, NotFound
+from transcription.metrics import register_database_collector
 from transcription.resources import (
     CC_PLURAL,
     GROUP,
@@ -36,7 +37,7 @@ from transcription.resources import (
     job_id_of,
 )
 from transcription.settings import OperatorSettings
-from transcription_operator import builders
+from transcription_operator import builders, joblog, metrics
 from transcription_operator.context import Context
 from transcription_operator.reconcile import Reconciler
 from transcription_operator.status import cr_status, snapshot
@@ -57,9 +58,26 @@ def _reconciler(memo: Any) -> Reconciler:
 
 
 @kopf.on.startup()
+def serve_metrics(memo: kopf.Memo, **_: Any) -> None:
+    """Serve Prometheus metrics on their own port when one is set; before ``start``, so an
+    operator still waiting for its CRDs is seen not reconciling."""
+    settings = OperatorSettings()
+    try:
+        memo.metrics_server = metrics.serve(
+            settings.metrics_port, settings.metrics_host, settings.max_running_jobs
+        )
+    except OSError as exc:
+        # Retrying cannot free the port: stop with the reason rather than run unobserved.
+        raise kopf.PermanentError(
+            f"Cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc}"
+        ) from exc
+
+
+@kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     """Keep kopf's bookkeeping in our annotations (a structural CRD would prune it from status)
     and start the reconciliation loop, whose first pass runs at once."""
+    joblog.install()
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
@@ -72,6 +90,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.scanning.disabled = True
     ctx = await asyncio.to_thread(Context.build, OperatorSettings())
     await asyncio.to_thread(_require_crds, ctx)
+    memo.unregister_collector = register_database_collector(ctx.db)
     reconciler = Reconciler(ctx)
     memo.ctx = ctx
     memo.reconciler = reconciler
@@ -98,6 +117,9 @@ def _require_crds(ctx: Context) -> None:
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     memo.reconcile_task.cancel()
+    memo.unregister_collector()
+    if memo.metrics_server is not None:
+        memo.metrics_server.shutdown()
     _ctx(memo).close()
 
 
@@ -177,7 +199,9 @@ def cancel(body: kopf.Body, name: str, namespace: str | None, memo: kopf.Memo, *
     job_id = job_id_of(name)
     if job_id is not None:
         if ctx.lifecycle.cancel(job_id) is not None:
-            log.info("cancelled %s: its TranscriptionJob was deleted", job_id)
+            log.info(
+                "cancelled %s: its TranscriptionJob was deleted", job_id, extra={"job_id": job_id}
+            )
         else:
             # Already finished, perhaps by this handler before a crash cut its tidying short.
             with contextlib.suppress(NotFound):

@@ -25,10 +25,12 @@ from kubernetes.client.exceptions import ApiException
 
 from transcription import resources
 from transcription.db.models import Job
-from transcription.jobfiles import RunRequest, RunResult
+from transcription.jobfiles import EngineUsage, RunRequest, RunResult
+from transcription.logs import job_context
+from transcription.metrics import engine_used
 from transcription.resources import Phase, TranscriptionJobSpec, job_id_of
 from transcription.states import JobStatus
-from transcription_operator import builders
+from transcription_operator import builders, metrics
 from transcription_operator.context import Context
 from transcription_operator.status import (
     JobState,
@@ -124,7 +126,13 @@ def reconcile_pass(ctx: Context, backoff: Backoff) -> World:
         if job_id not in world.db_jobs and phase and not Phase(phase).finished:
             # Finished in the database (cancelled, or settled before a crash cut the status).
             _guarded(backoff, job_id, conclude, ctx, tj, world.job_of(tj))
-    admit, repair = select(list(world.tjs.values()), list(world.jobs.values()), ctx.settings)
+    admit, repair, waiting = select(
+        list(world.tjs.values()), list(world.jobs.values()), ctx.settings
+    )
+    metrics.admission(
+        waiting=len(waiting),
+        running=sum(1 for j in world.jobs.values() if not job_state(j).phase.finished),
+    )
     for tj in repair:
         _guarded(backoff, tj["metadata"]["name"], admit_one, ctx, tj, False)
     for tj in admit:
@@ -135,13 +143,17 @@ def reconcile_pass(ctx: Context, backoff: Backoff) -> World:
 def _guarded(backoff: Backoff, key: str, step: Any, *args: Any) -> None:
     if not backoff.due(key):
         return
-    try:
-        step(*args)
-    except Exception:
-        delay = backoff.failed(key)
-        log.warning("reconciling %s failed; retrying in %.0f s", key, delay, exc_info=True)
-    else:
-        backoff.succeeded(key)
+    # The key is a job's ID or its TranscriptionJob's name: either way, the step's lines say
+    # which job they are about.
+    with job_context(job_id_of(key) or key):
+        try:
+            step(*args)
+        except Exception:
+            delay = backoff.failed(key)
+            metrics.step_failed()
+            log.warning("reconciling %s failed; retrying in %.0f s", key, delay, exc_info=True)
+        else:
+            backoff.succeeded(key)
 
 
 def reconcile_job(ctx: Context, world: World, db_job: Job) -> None:
@@ -157,7 +169,8 @@ def reconcile_job(ctx: Context, world: World, db_job: Job) -> None:
     if job is not None:
         state = job_state(job)
         if state.phase.finished:
-            settle(ctx, db_job, tj, job, state)
+            if settle(ctx, db_job, tj, job, state) is not None:
+                metrics.settled(job)
             changed = True
         elif state.phase == Phase.RUNNING:
             changed = ctx.lifecycle.start(db_job.id) is not None
@@ -193,45 +206,62 @@ def create_tj(ctx: Context, db_job: Job) -> None:
 
 def settle(
     ctx: Context, db_job: Job, tj: dict[str, Any], job: dict[str, Any], state: JobState
-) -> None:
-    """Finish the job of a Job that ended: the result record decides, else the Job's state."""
+) -> Job | None:
+    """Finish the job of a Job that ended: the result record decides, else the Job's state.
+    The finished job, or None when it had already finished."""
     result = ctx.files.read_result(db_job.id)
     if result is not None:
-        finish_with(ctx, db_job, result)
-        return
+        return finish_with(ctx, db_job, result)
+    # Read before failing the job: that tidies its working files away.
+    usage = ctx.files.read_engine_usage(db_job.id)
+    return _counted(fail_unrecorded(ctx, db_job, tj, job, state), usage)
+
+
+def fail_unrecorded(
+    ctx: Context, db_job: Job, tj: dict[str, Any], job: dict[str, Any], state: JobState
+) -> Job | None:
+    """Fail the job of a Job that ended without a result record, saying why as best the pods
+    tell; None when it had already finished."""
     ended = termination(_pods(ctx, tj["metadata"]["namespace"], job))
     detail = f" Last error: {ended.error_message}" if ended and ended.error_message else ""
     if ended is not None and ended.outcome == "rejected" and ended.error_code:
         # The result record is lost, but the pod said why it refused the audio.
-        ctx.lifecycle.fail(
+        return ctx.lifecycle.fail(
             db_job.id, code=ended.error_code, message=ended.error_message or "Audio rejected."
         )
-    elif state.phase == Phase.SUCCEEDED:
-        ctx.lifecycle.fail(
+    if state.phase == Phase.SUCCEEDED:
+        return ctx.lifecycle.fail(
             db_job.id,
             code="transcript_missing",
             message=f"The transcriber finished without leaving a result.{detail} "
             "The credit was refunded.",
         )
-    else:
-        ctx.lifecycle.fail(
-            db_job.id,
-            code="transcription_failed",
-            message=f"The transcriber Job failed ({state.reason}: "
-            f"{state.message or 'no message'}).{detail} The credit was refunded.",
-        )
+    return ctx.lifecycle.fail(
+        db_job.id,
+        code="transcription_failed",
+        message=f"The transcriber Job failed ({state.reason}: "
+        f"{state.message or 'no message'}).{detail} The credit was refunded.",
+    )
 
 
-def finish_with(ctx: Context, db_job: Job, result: RunResult) -> None:
+def finish_with(ctx: Context, db_job: Job, result: RunResult) -> Job | None:
     if result.outcome == "transcribed":
-        ctx.lifecycle.finish(db_job.id, result)
-    else:
-        error = result.error
-        ctx.lifecycle.fail(
-            db_job.id,
-            code=error.code if error else "audio_rejected",
-            message=error.message if error else "The audio was rejected.",
-        )
+        return _counted(ctx.lifecycle.finish(db_job.id, result), result.engine_usage)
+    error = result.error
+    failed = ctx.lifecycle.fail(
+        db_job.id,
+        code=error.code if error else "audio_rejected",
+        message=error.message if error else "The audio was rejected.",
+    )
+    return _counted(failed, result.engine_usage)
+
+
+def _counted(finished: Job | None, usage: EngineUsage | None) -> Job | None:
+    """Add what the job's pods said their engine did to the engine metrics, once: only when
+    this call's final transition committed (``finished``), never when replayed."""
+    if finished is not None and usage is not None:
+        engine_used(usage)
+    return finished
 
 
 def replace_vanished_job(ctx: Context, db_job: Job, tj: dict[str, Any]) -> None:
@@ -255,12 +285,14 @@ def replace_vanished_job(ctx: Context, db_job: Job, tj: dict[str, Any]) -> None:
 
 
 def fail_lost(ctx: Context, db_job: Job) -> None:
-    ctx.lifecycle.fail(
+    usage = ctx.files.read_engine_usage(db_job.id)
+    failed = ctx.lifecycle.fail(
         db_job.id,
         code="job_lost",
         message=f"The transcriber Job disappeared {db_job.attempts} times before finishing; "
         "the credit was refunded.",
     )
+    _counted(failed, usage)
 
 
 def copy_progress(ctx: Context, db_job: Job) -> bool:
@@ -354,9 +386,10 @@ def queue_key(tj: dict[str, Any]) -> tuple[datetime, str]:
 
 def select(
     tjs: list[dict[str, Any]], jobs: list[dict[str, Any]], settings: Any
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Which queued TranscriptionJobs to admit now, in order, and which already have a Job
-    (created before a restart cut the status write short) and only need their status fixed."""
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Which queued TranscriptionJobs to admit now, in order; which already have a Job
+    (created before a restart cut the status write short) and only need their status fixed;
+    and every one waiting for a slot, those admitted now included."""
     children = {(j["metadata"]["namespace"], j["metadata"]["name"]) for j in jobs}
     queued = [
         tj
@@ -373,7 +406,7 @@ def select(
     busy = sum(1 for j in jobs if not job_state(j).phase.finished)
     cap = settings.max_running_jobs
     free = len(waiting) if cap == 0 else max(cap - busy, 0)
-    return waiting[:free], has_job
+    return waiting[:free], has_job, waiting
 
 
 def admit_one(ctx: Context, tj: dict[str, Any], new: bool = True) -> None:
@@ -449,6 +482,7 @@ class Reconciler:
                 # The cluster or the database is unreachable: back off, never give up.
                 failures += 1
                 log.exception("reconciliation pass failed (%s in a row)", failures)
+            metrics.reconciled(ok=not failures)
             wait = min(interval * 2 ** min(failures, 6), MAX_BACKOFF) if failures else interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), wait)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
+from tests.charts import monitoring
 from tests.charts.conftest import CHART, NAMESPACE, REQUIRED, ROOT, Helm, Render
 from transcription import resources
 from transcription.jobfiles import RunRequest
@@ -42,6 +43,11 @@ EVERYTHING = (
     "--set", "cloudSqlProxy.instanceConnectionName=p:r:i",
     "--set", "operator.kueueQueueName=transcription",
     "--set", "imagePullSecrets[0].name=regcred",
+    "--set", "metrics.serviceMonitor.enabled=true",
+    "--set", "metrics.podMonitoring.enabled=true",
+    "--set", "metrics.prometheusRule.enabled=true",
+    "--set", "metrics.gmpRules.enabled=true",
+    "--set", "metrics.dashboard.enabled=true",
 )  # fmt: skip
 
 
@@ -156,6 +162,11 @@ def test_every_rendered_object_is_valid_for_kubernetes_1_35(render: Render, shap
             assert service["metadata"]["namespace"] == obj["metadata"]["namespace"], where
             assert 1 <= obj["spec"]["default"]["timeoutSec"] <= 2**31 - 1, where
             continue
+        if obj["apiVersion"] in monitoring.API_VERSIONS:
+            # The Prometheus operator's and GKE Managed Prometheus's CRDs, equally absent:
+            # checked against the parts of their schemas the chart uses.
+            monitoring.validate(obj)
+            continue
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -201,6 +212,10 @@ def test_crds_can_be_left_out_or_left_to_uninstall(render: Render) -> None:
         ("operator.maxAttempts=0", "/operator/maxAttempts"),
         ("transcriber.envSecret=Engine_Keys", "/transcriber/envSecret"),
         ("gateway.backendPolicy.timeoutSec=0", "/gateway/backendPolicy/timeoutSec"),
+        ("metrics.serviceMonitor.intervall=1m", "'intervall'"),
+        ("gateway.metricsPort=80", "/gateway/metricsPort"),
+        ("metrics.podMonitoring.interval=30", "/metrics/podMonitoring/interval"),
+        ("metrics.alerts.failureRatio=2", "/metrics/alerts/failureRatio"),
     ],
 )
 def test_a_values_typo_fails_naming_it(helm: Helm, flag: str, named_in_error: str) -> None:
@@ -227,6 +242,19 @@ def test_a_values_typo_fails_naming_it(helm: Helm, flag: str, named_in_error: st
           "--set", "transcriber.envSecret=whisper-admin"), "engine credentials only"),
         ((*REQUIRED, "--set", "codeSecret.existingSecret=keys",
           "--set", "transcriber.envSecret=keys"), "engine credentials only"),
+        # A metrics port its pod already listens on.
+        ((*REQUIRED, "--set", "gateway.metricsPort=8080"),
+         "gateway.metricsPort 8080 is also gateway.containerPort"),
+        ((*REQUIRED, "--set", "operator.metricsPort=8080"),
+         "operator.metricsPort 8080 is also operator.livenessPort"),
+        ((*REQUIRED, "--set", "cloudSqlProxy.enabled=true",
+          "--set", "cloudSqlProxy.instanceConnectionName=p:r:i",
+          "--set", "operator.metricsPort=9090"), "is also the Cloud SQL proxy's health port"),
+        ((*REQUIRED, "--set", "cloudSqlProxy.enabled=true",
+          "--set", "cloudSqlProxy.instanceConnectionName=p:r:i",
+          "--set", "gateway.metricsPort=5432"), "is also cloudSqlProxy.port"),
+        ((*REQUIRED, "--set", "gateway.metricsPort=0", "--set", "operator.metricsPort=0",
+          "--set", "metrics.podMonitoring.enabled=true"), "set gateway.metricsPort or"),
     ],
 )  # fmt: skip
 def test_a_missing_required_value_fails_saying_what_to_set(
@@ -527,12 +555,14 @@ def test_optional_parts_render_when_switched_on(render: Render) -> None:
     objects = render(*EVERYTHING)
     kinds = {o["kind"] for o in objects}
     assert {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-            "GCPBackendPolicy"} <= kinds  # fmt: skip
+            "GCPBackendPolicy", "ServiceMonitor", "PodMonitoring", "PrometheusRule", "Rules",
+            "ConfigMap"} <= kinds  # fmt: skip
     assert "replicas" not in named(objects, "Deployment", "whisper-gateway")["spec"]
     operator = named(objects, "Deployment", "whisper-operator")["spec"]["template"]["spec"]
     assert env_of(operator["containers"][0])["WHISPER_KUEUE_QUEUE_NAME"] == "transcription"
     plain = {o["kind"] for o in render(*REQUIRED)}
-    assert not {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler", "GCPBackendPolicy"} & plain
+    assert not {"Ingress", "HTTPRoute", "HorizontalPodAutoscaler", "GCPBackendPolicy",
+                "ServiceMonitor", "PodMonitoring", "PrometheusRule", "Rules", "ConfigMap"} & plain  # fmt: skip
 
 
 def test_migrations_run_in_a_hook_before_install_and_upgrade(render: Render) -> None:
@@ -545,15 +575,30 @@ def test_migrations_run_in_a_hook_before_install_and_upgrade(render: Render) -> 
     assert env_of(gateway["containers"][0])["WHISPER_MIGRATE_ON_START"] == "true"
 
 
-def test_network_policies_admit_only_the_gateway_port(render: Render) -> None:
+def test_network_policies_admit_the_gateway_port_and_metrics_from_monitoring_only(
+    render: Render,
+) -> None:
     objects = render(*REQUIRED)
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(objects, "NetworkPolicy")}
+    scrapers = yaml.safe_load((CHART / "values.yaml").read_text())["networkPolicy"]["metricsFrom"]
+    assert {s["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+            for s in scrapers} == {"gmp-system", "monitoring"}  # fmt: skip
+    metrics = {"ports": [{"port": 9464, "protocol": "TCP"}], "from": scrapers}
+    assert policies["whisper-gateway"]["ingress"] == [
+        {"ports": [{"port": 8080, "protocol": "TCP"}]},
+        metrics,
+    ]
+    assert policies["whisper-operator"]["ingress"] == [metrics]
+    assert "ingress" not in policies["whisper-transcriber"]
+    for policy in policies.values():
+        assert policy["policyTypes"] == ["Ingress"]
+    # No scraper named: the metrics ports are closed, not open to everyone.
+    closed = render(*REQUIRED, "--set", "networkPolicy.metricsFrom=null")
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(closed, "NetworkPolicy")}
     assert policies["whisper-gateway"]["ingress"] == [
         {"ports": [{"port": 8080, "protocol": "TCP"}]}
     ]
-    for closed in ("whisper-operator", "whisper-transcriber"):
-        assert policies[closed]["policyTypes"] == ["Ingress"]
-        assert "ingress" not in policies[closed]
+    assert "ingress" not in policies["whisper-operator"]
     # The transcriber policy must select the pods the operator's Jobs make.
     job = transcriber_job_of(objects)
     pod_labels = job["spec"]["template"]["metadata"]["labels"]

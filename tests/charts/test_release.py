@@ -40,6 +40,7 @@ from typing import Any
 import httpx
 import pytest
 from kubernetes import client, config
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.charts.conftest import CHART, NAMESPACE, ROOT, Render
 from tests.fixtures.openai_server import WhisperServer
@@ -220,6 +221,17 @@ def secret_key_refs(obj: Any) -> Iterator[dict[str, str]]:
             yield from secret_key_refs(item)
 
 
+def scraped(port: int, name: str) -> float:
+    """The sum of the samples called ``name`` on the metrics port ``port``."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
 def answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
@@ -244,11 +256,14 @@ def test_a_release_installed_as_the_guide_says_transcribes_and_mints_codes(
     tmp_path: Path,
 ) -> None:
     gateway_port, liveness_port = free_port(), free_port()
+    gateway_metrics, operator_metrics = free_port(), free_port()
     objects = render(
         "-f", str(CHART / "ci" / "gke-values.yaml"),
         "--set", f"config.blobUrl={gcs_bucket_url}",
         "--set", f"gateway.containerPort={gateway_port}",
         "--set", f"operator.livenessPort={liveness_port}",
+        "--set", f"gateway.metricsPort={gateway_metrics}",
+        "--set", f"operator.metricsPort={operator_metrics}",
     )  # fmt: skip
     handler = kube.emulator.handler
     assert handler is not None
@@ -389,6 +404,10 @@ def test_a_release_installed_as_the_guide_says_transcribes_and_mints_codes(
         assert settled["charged_seconds"] == math.ceil(settled["audio_seconds"] - 1e-6)
         spent = body["charged_seconds"] + settled["charged_seconds"]
         assert (balance["spent_seconds"], balance["reserved_seconds"]) == (spent, 0), balance
+        # Each serves its metrics on the port the chart gave it: the gateway took both jobs,
+        # the restarted operator settled the second.
+        assert scraped(gateway_metrics, "whisper_jobs_created_total") == 2
+        assert scraped(operator_metrics, "whisper_operator_settlement_lag_seconds_count") == 1
         assert handler.rbac.denied == [], handler.rbac.denied
         for process in started:
             assert "forbidden" not in process.tail().lower(), process.tail()

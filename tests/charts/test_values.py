@@ -30,6 +30,10 @@ TRANSCRIBER_JOB = "tr-0123456789abcdef"
 PROXY_ON = {"cloudSqlProxy.enabled": True, "cloudSqlProxy.instanceConnectionName": "p:r:i"}
 ROUTE_ON = {"gateway.httpRoute.enabled": True, "gateway.httpRoute.parentRefs": [{"name": "gw"}]}
 INGRESS_ON = {"gateway.ingress.enabled": True}
+MONITOR_ON = {"metrics.serviceMonitor.enabled": True}
+PODMON_ON = {"metrics.podMonitoring.enabled": True}
+RULE_ON = {"metrics.prometheusRule.enabled": True}
+DASHBOARD_ON = {"metrics.dashboard.enabled": True}
 CRD = "creditcodes.transcription.whisper.dev"
 Objects = list[dict[str, Any]]
 Find = Callable[[dict[str, Any]], Any]
@@ -109,6 +113,16 @@ def volume(name: str, *keys: str) -> Find:
 
 def annotation(key: str) -> Find:
     return lambda obj: (obj["metadata"].get("annotations") or {}).get(key)
+
+
+def alert(name: str, text: str) -> Find:
+    """Whether the expression of the alert ``name`` contains ``text``."""
+
+    def find(obj: dict[str, Any]) -> Any:
+        (rule,) = (r for g in obj["spec"]["groups"] for r in g["rules"] if r.get("alert") == name)
+        return text in rule["expr"]
+
+    return find
 
 
 def gateway(find: Find, expect: Any = SAME) -> At:
@@ -280,6 +294,15 @@ PROOFS: dict[str, Proof | Switch] = {
             At("NetworkPolicy", "-gateway", dig("spec", "ingress", 0, "ports", 0, "port")),
         ),
     ),
+    "gateway.metricsPort": Proof(
+        9465,
+        (
+            gateway(main("ports", 1, "containerPort")),
+            gateway(env("WHISPER_METRICS_PORT"), "9465"),
+            At("Service", "-gateway-metrics", dig("spec", "ports", 0, "port")),
+            At("NetworkPolicy", "-gateway", dig("spec", "ingress", 1, "ports", 0, "port")),
+        ),
+    ),
     "gateway.service.type": Proof(
         "LoadBalancer", (At("Service", "-gateway", dig("spec", "type")),)
     ),
@@ -310,6 +333,7 @@ PROOFS: dict[str, Proof | Switch] = {
             ("keepAliveTimeout", "KEEP_ALIVE_TIMEOUT", 621),
             ("authFailures", "AUTH_FAILURE_LIMIT", 21),
             ("authFailureWindowSeconds", "AUTH_FAILURE_WINDOW_SECONDS", 61),
+            ("authFailureDelay", "AUTH_FAILURE_DELAY", 0.25),
         )
     },
     "gateway.trustedProxies": Proof(
@@ -392,6 +416,15 @@ PROOFS: dict[str, Proof | Switch] = {
             operator(has("--liveness=http://0.0.0.0:8089/healthz", main("args")), True),
         ),
     ),
+    "operator.metricsPort": Proof(
+        9466,
+        (
+            operator(main("ports", 1, "containerPort")),
+            operator(env("WHISPER_METRICS_PORT"), "9466"),
+            At("Service", "-operator-metrics", dig("spec", "ports", 0, "port")),
+            At("NetworkPolicy", "-operator", dig("spec", "ingress", 0, "ports", 0, "port")),
+        ),
+    ),
     **resources("operator", operator),
     **scheduling("operator", operator),
     **service_account("transcriber", transcriber(pod("serviceAccountName"))),
@@ -411,10 +444,62 @@ PROOFS: dict[str, Proof | Switch] = {
         601, (migrate(dig("spec", "activeDeadlineSeconds")),)
     ),
     **resources("migrations", migrate),
+    "metrics.serviceMonitor.enabled": Switch("ServiceMonitor", "whisper"),
+    "metrics.serviceMonitor.interval": Proof(
+        "15s",
+        (At("ServiceMonitor", "whisper", dig("spec", "endpoints", 0, "interval")),),
+        MONITOR_ON,
+    ),
+    "metrics.serviceMonitor.labels": Proof(
+        {"release": "kps"},
+        (At("ServiceMonitor", "whisper", dig("metadata", "labels", "release"), "kps"),),
+        MONITOR_ON,
+    ),
+    "metrics.podMonitoring.enabled": Switch("PodMonitoring", "whisper"),
+    "metrics.podMonitoring.interval": Proof(
+        "15s", (At("PodMonitoring", "whisper", dig("spec", "endpoints", 0, "interval")),), PODMON_ON
+    ),
+    **{
+        f"metrics.alerts.{key}": Proof(
+            value,
+            tuple(At("PrometheusRule", "whisper", alert(name, text), True) for name in alerts),
+            RULE_ON,
+        )
+        for key, value, text, alerts in (
+            ("queueWaitSeconds", 901, "901", ("WhisperJobsStuckQueued", "WhisperQueueWaitHigh")),
+            ("settlementLagSeconds", 121, "> 121", ("WhisperSettlementLagHigh",)),
+            ("failureRatio", 0.15, "> 0.15", ("WhisperJobFailureRatioHigh",)),
+            ("serverErrorRatio", 0.07, "> 0.07", ("WhisperGatewayErrorRatioHigh",)),
+            ("reconcileStaleSeconds", 301, "> 301", ("WhisperOperatorNotReconciling",)),
+        )
+    },
+    "metrics.prometheusRule.enabled": Switch("PrometheusRule", "whisper"),
+    "metrics.prometheusRule.labels": Proof(
+        {"release": "kps"},
+        (At("PrometheusRule", "whisper", dig("metadata", "labels", "release"), "kps"),),
+        RULE_ON,
+    ),
+    "metrics.gmpRules.enabled": Switch("Rules", "whisper"),
+    "metrics.dashboard.enabled": Switch("ConfigMap", "-dashboard"),
+    "metrics.dashboard.namespace": Proof(
+        "grafana", (At("ConfigMap", "-dashboard", dig("metadata", "namespace")),), DASHBOARD_ON
+    ),
+    "metrics.dashboard.annotations": Proof(
+        {"grafana_folder": "Whisper"},
+        (At("ConfigMap", "-dashboard", annotation("grafana_folder"), "Whisper"),),
+        DASHBOARD_ON,
+    ),
     "networkPolicy.enabled": Switch("NetworkPolicy", "-gateway"),
     "networkPolicy.gatewayFrom": Proof(
         [{"namespaceSelector": {"matchLabels": {"proof": "yes"}}}],
         (At("NetworkPolicy", "-gateway", dig("spec", "ingress", 0, "from")),),
+    ),
+    "networkPolicy.metricsFrom": Proof(
+        [{"namespaceSelector": {"matchLabels": {"proof": "metrics"}}}],
+        (
+            At("NetworkPolicy", "-gateway", dig("spec", "ingress", 1, "from")),
+            At("NetworkPolicy", "-operator", dig("spec", "ingress", 0, "from")),
+        ),
     ),
     **{
         f"podSecurityContext.{key}": Proof(

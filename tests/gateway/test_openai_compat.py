@@ -15,7 +15,13 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
-from openai.types.audio import Transcription, TranscriptionVerbose
+from openai.types.audio import (
+    Transcription,
+    TranscriptionTextDeltaEvent,
+    TranscriptionTextDoneEvent,
+    TranscriptionVerbose,
+    TranscriptionWord,
+)
 
 from gateway.app import create_app
 from gateway.services import Services
@@ -29,6 +35,7 @@ from tests.fixtures.gateway import (
     serve,
 )
 from tests.fixtures.openai_server import StartProxy, WhisperServer
+from tests.fixtures.server import Server
 from tests.speech import SPEECH, script
 from tests.wer import wer
 from transcriber.engines.base import Engine
@@ -184,9 +191,23 @@ def test_refusals_are_the_sdks_typed_errors_and_cost_nothing(
         create(SPEECH, model="whisper-large")
     assert (model.value.code, model.value.param) == ("model_not_found", "model")
     assert "whisper-1" in model.value.message and "tiny.en" in model.value.message
-    with pytest.raises(openai.BadRequestError) as words:
-        create(SPEECH, response_format="verbose_json", timestamp_granularities=["word"])
-    assert words.value.param == "timestamp_granularities[]"
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"timestamp_granularities": ["word"]}, "timestamp_granularities[]"),  # json has none
+        (
+            {"response_format": "verbose_json", "timestamp_granularities": ["sentence"]},
+            "timestamp_granularities[]",
+        ),
+        ({"response_format": "srt", "stream": True}, "stream"),
+        ({"include": ["logprobs"]}, "include[]"),
+        ({"temperature": 1.5}, "temperature"),
+        ({"extra_body": {"chunking_strategy": "server_vad"}}, "chunking_strategy"),
+        ({"response_format": "diarized_json"}, "response_format"),
+    ]
+    for options, param in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            create(SPEECH, **options)
+        assert refused.value.param == param, options
+        assert refused.value.code == "invalid_request"
     with pytest.raises(openai.BadRequestError) as language:
         create(SPEECH, language="de")
     assert language.value.param == "language"
@@ -378,3 +399,98 @@ def test_a_job_the_engine_cannot_do_is_a_502_that_names_it_and_refunds(
     assert len(proxy.transcriptions()) == 3  # the engine's own retries; the SDK made none
     balance = gateway.get(code, "/v1/credits")
     assert (balance["spent_seconds"], balance["reserved_seconds"], balance["uses"]) == (0, 0, 0)
+
+
+@pytest.mark.slow
+def test_the_sdk_reads_timed_words_and_segments_and_streams_the_same_text(
+    start_server: Callable[..., Server],
+) -> None:
+    """Against a real ``whisperctl serve`` (local engine, tiny.en, fast mode by default)."""
+    server = start_server()
+    code = server.create_code(seconds=600, max_uses=3)
+    client = openai.OpenAI(base_url=server.base_url + "/v1", api_key=code, max_retries=0)
+
+    with SPEECH.open("rb") as file:
+        verbose = client.audio.transcriptions.create(
+            file=file,
+            model="whisper-1",
+            response_format="verbose_json",
+            timestamp_granularities=["word", "segment"],
+            temperature=0.2,
+        )
+    assert isinstance(verbose, TranscriptionVerbose)
+    assert (verbose.language, verbose.duration) == ("english", pytest.approx(38.3, abs=0.5))
+    assert verbose.usage is not None
+    assert (verbose.usage.type, verbose.usage.seconds) == ("duration", SPEECH_SECONDS)
+    assert wer(script(1), verbose.text) <= MAX_WER
+    words, segments = verbose.words, verbose.segments
+    assert words is not None and segments is not None and len(segments) >= 5
+    assert all(isinstance(w, TranscriptionWord) for w in words)
+    assert set(words[0].model_dump()) == {"word", "start", "end"}
+    assert wer(script(1), " ".join(w.word for w in words)) <= MAX_WER
+    assert [w.start for w in words] == sorted(w.start for w in words)
+    assert all(0 <= w.start <= w.end <= verbose.duration for w in words)
+    assert all(
+        any(s.start - 0.5 <= w.start and w.end <= s.end + 0.5 for s in segments) for w in words
+    )
+    # The engine decoded at the temperature asked for (batched decoding reports its own).
+    assert {s.temperature for s in segments} == {0.2}
+
+    with SPEECH.open("rb") as file:
+        plain = client.audio.transcriptions.create(file=file, model="whisper-1")
+    with SPEECH.open("rb") as file:
+        stream = client.audio.transcriptions.create(file=file, model="whisper-1", stream=True)
+        events = list(stream)
+    *deltas, done = events
+    assert len(deltas) >= 2
+    assert all(isinstance(d, TranscriptionTextDeltaEvent) for d in deltas)
+    assert isinstance(done, TranscriptionTextDoneEvent)
+    assert "".join(d.delta for d in deltas if isinstance(d, TranscriptionTextDeltaEvent)) == (
+        done.text
+    )
+    assert done.text == plain.text
+    assert wer(script(1), done.text) <= MAX_WER
+
+
+def test_a_streamed_job_past_the_wait_is_an_error_event_and_hanging_up_cancels(
+    start_gateway: StartGateway,
+) -> None:
+    engine = BlockingEngine()
+    gateway = start_gateway(engine=engine, sync_wait_seconds=1)
+    code = gateway.issue(max_uses=2)
+    with SPEECH.open("rb") as file:
+        stream = gateway.sdk(code, max_retries=0).audio.transcriptions.create(
+            file=file, model="whisper-1", stream=True
+        )
+    with pytest.raises(openai.APIError) as pending:
+        list(stream)
+    assert isinstance(pending.value.body, dict)
+    assert pending.value.body["code"] == "transcription_pending"
+    job_id = pending.value.body["job_id"]
+    assert gateway.get(code, f"/v1/transcriptions/{job_id}")["status"] == "running"
+
+    # The first job holds the only worker, so the next one waits in the queue; its caller hangs
+    # up, which cancels it as it would a non-streamed call: refunded in full.
+    with SPEECH.open("rb") as file:
+        stream = gateway.sdk(code, max_retries=0).audio.transcriptions.create(
+            file=file, model="whisper-1", stream=True
+        )
+    queued = eventually(
+        lambda: [j for j in gateway.get(code, "/v1/transcriptions")["data"] if j["id"] != job_id],
+        what="the second job",
+    )
+    stream.close()
+
+    def cancelled() -> dict[str, Any] | None:
+        job: dict[str, Any] = gateway.get(code, f"/v1/transcriptions/{queued[0]['id']}")
+        return job if job["status"] == "cancelled" else None
+
+    job = eventually(cancelled, what="the hang-up cancelling the streamed job")
+    assert (job["started_at"], job["charged_seconds"]) == (None, 0)
+    engine.release()
+    finished = eventually(
+        lambda: gateway.get(code, f"/v1/transcriptions/{job_id}")["status"] == "succeeded",
+        what="the first job",
+    )
+    assert finished
+    audit(gateway.services.db)

@@ -25,9 +25,11 @@ WRONG = "wt_" + "x" * 32
 
 
 def limited(**extra: str) -> dict[str, str]:
+    """The limit under test, answered at once (the delay has tests of its own)."""
     return {
         "WHISPER_AUTH_FAILURE_LIMIT": str(LIMIT),
         "WHISPER_AUTH_FAILURE_WINDOW_SECONDS": str(WINDOW),
+        "WHISPER_AUTH_FAILURE_DELAY": "0",
         **extra,
     }
 
@@ -121,6 +123,64 @@ def test_a_flood_of_wrong_codes_is_mostly_refused_and_good_clients_are_never_lim
     assert set(answers) == {401, 429}, answers
     assert LIMIT <= answers[401] <= LIMIT + parallel, answers
     print(f"{flood} wrong codes in {elapsed:.2f} s: {dict(answers)}")
+
+
+def timed(server: Server, token: str, **kwargs: Any) -> tuple[int, float]:
+    started = time.monotonic()
+    status = call(server, token, **kwargs).status_code
+    return status, time.monotonic() - started
+
+
+def test_refused_credentials_are_answered_late_and_good_ones_at_once(start_server: Any) -> None:
+    """A wrong code, a wrong admin token and a refusal under the limit each wait the delay;
+    a missing code, a good code and another address's requests do not."""
+    delay = 0.6
+    server = start_server(
+        env=limited(WHISPER_AUTH_FAILURE_DELAY=str(delay), WHISPER_TRUSTED_PROXIES="127.0.0.1")
+    )
+    code = server.create_code()
+    guesser = "203.0.113.12"
+    wrong = [timed(server, WRONG, client=guesser) for _ in range(2)]
+    wrong.append(timed(server, "guess", client=guesser, path="/v1/admin/codes"))
+    assert [status for status, _ in wrong] == [401] * 3
+    assert all(seconds >= delay for _, seconds in wrong), wrong
+    for _ in range(LIMIT - 3):
+        call(server, WRONG, client=guesser)
+    status, seconds = timed(server, code, client=guesser)
+    assert (status, seconds >= delay) == (429, True), seconds
+
+    good = [timed(server, code, client="198.51.100.21") for _ in range(5)]
+    assert [status for status, _ in good] == [200] * 5
+    assert max(seconds for _, seconds in good) < delay, good
+    missing = HTTP.get(server.base_url + "/v1/credits")
+    assert missing.status_code == 401
+    assert missing.elapsed.total_seconds() < delay
+
+
+def test_a_guesser_gets_one_answer_per_connection_per_delay(start_server: Any) -> None:
+    """16 connections asking again the moment they are answered, for 3 s: with a 1 s delay
+    they get about 16 x 3 answers, not the thousands the gateway could serve, while a good
+    client's requests, interleaved, are answered at once."""
+    server = start_server(
+        env=limited(WHISPER_AUTH_FAILURE_DELAY="1", WHISPER_TRUSTED_PROXIES="127.0.0.1")
+    )
+    code = server.create_code()
+    parallel, seconds = 16, 3.0
+    deadline = time.monotonic() + seconds
+
+    def guess(_: int) -> int:
+        answers = 0
+        while time.monotonic() < deadline:
+            call(server, WRONG, client="203.0.113.13")
+            answers += 1
+        return answers
+
+    with ThreadPoolExecutor(parallel) as pool:
+        answers = sum(pool.map(guess, range(parallel)))
+        good = [timed(server, code, client="198.51.100.22") for _ in range(10)]
+    assert answers <= parallel * (seconds + 1), answers
+    assert [status for status, _ in good] == [200] * 10
+    assert max(t for _, t in good) < 1.0, good
 
 
 def request_from(host: str) -> Request:

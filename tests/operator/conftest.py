@@ -25,6 +25,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from tests.fixtures.server import WHISPERCTL
 from tests.operator.emulator import RunningEmulator, running_emulator
 from transcriber.engines.base import Engine
 from transcription import resources
@@ -103,18 +104,20 @@ class Cluster:
 
 
 class Operator:
-    """``kopf run -m transcription_operator`` as its Deployment runs it, in a subprocess."""
+    """``kopf run -m transcription_operator`` in a subprocess, or with ``whisperctl`` the
+    ``whisperctl operator`` the chart's Deployment runs."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *, whisperctl: bool = False) -> None:
         self.env = env
         self.log = log
+        self.whisperctl = whisperctl
         self.proc: subprocess.Popen[bytes] | None = None
         self.liveness = ""
 
     def start(self) -> None:
         port = _free_port()
         self.liveness = f"http://127.0.0.1:{port}/healthz"
-        command = [
+        command = [WHISPERCTL, "operator", f"--liveness={self.liveness}"] if self.whisperctl else [
             sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces",
             f"--liveness={self.liveness}", "-m", "transcription_operator",
         ]  # fmt: skip
@@ -303,7 +306,7 @@ def start_operator(
     """Start the operator against the cluster and the test database; stopped after the test."""
     started: list[Operator] = []
 
-    def start(*, blob: str | None = None, **settings: Any) -> Operator:
+    def start(*, blob: str | None = None, whisperctl: bool = False, **settings: Any) -> Operator:
         env = {
             **os.environ,
             # Its own token, so the emulator can tell the operator's calls from the test's.
@@ -317,7 +320,7 @@ def start_operator(
             "WHISPER_RECONCILE_INTERVAL": "2",
             **{f"WHISPER_{k.upper()}": str(v) for k, v in settings.items()},
         }
-        operator = Operator(env, tmp_path / "operator.log")
+        operator = Operator(env, tmp_path / "operator.log", whisperctl=whisperctl)
         operator.start()
         started.append(operator)
         return operator

@@ -149,6 +149,7 @@ class SimEngine:
         mode: Mode = Mode.FAST,
         on_progress: Callable[[float], None] | None = None,
         checkpoints: Any = None,
+        temperature: float | None = None,
     ) -> TranscriptResult:
         duration = self.request.audio_seconds
         if on_progress is not None:

@@ -133,6 +133,10 @@ def test_the_entrypoint_transcribes_with_no_database(
         "outcome": "transcribed",
         "durationSeconds": round(result.duration_seconds, 3),
     }
+    # Its stderr is no terminal, so it logs JSON lines, each naming the job.
+    logged = [json.loads(line) for line in done.stderr.splitlines()]
+    assert logged, done.stderr
+    assert all(line["job_id"] == JOB_ID for line in logged), done.stderr
     assert_no_database(data_dir)
     assert not (tmp_path / "whisper-data").exists()
 

@@ -15,7 +15,7 @@ from tests.wer import wer
 from transcriber.engines.base import Engine, Mode
 from transcriber.engines.local import LocalEngine, ModelUnavailable, resolve_model
 from transcription.errors import TranscriptionFailed, UndecodableAudio
-from transcription.transcript import TranscriptResult
+from transcription.transcript import TranscriptResult, text_of, to_srt
 
 DATA = Path(__file__).parents[1] / "data"
 SPEECH = DATA / "speech.mp3"
@@ -104,6 +104,43 @@ def test_segments_are_ordered_and_within_the_audio(runs: Runs, mode: Mode) -> No
     assert starts == sorted(set(starts))
     assert all(0 <= s.start < s.end <= result.duration + 0.5 for s in result.segments)
     assert [s.id for s in result.segments] == list(range(len(result.segments)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(Mode))
+def test_words_are_timed_in_order_inside_the_audio_and_their_segments(
+    runs: Runs, mode: Mode
+) -> None:
+    result, _ = runs[mode]
+    words = [w for s in result.segments for w in s.words or ()]
+    assert wer(REFERENCE, text_of(words)) <= MAX_WER
+    assert [w.start for w in words] == sorted(w.start for w in words)
+    assert all(0 <= w.start <= w.end <= result.duration for w in words)
+    assert all(w.probability is not None and 0 <= w.probability <= 1 for w in words)
+    for segment in result.segments:
+        assert segment.words, segment
+        assert all(
+            segment.start - 0.5 <= w.start and w.end <= segment.end + 0.5 for w in segment.words
+        ), segment
+        assert abs(segment.words[0].start - segment.start) <= 0.5
+        assert abs(segment.words[-1].end - segment.end) <= 0.5
+
+
+@pytest.mark.slow
+def test_fast_mode_subtitle_cues_start_within_a_second_of_the_words_they_show(runs: Runs) -> None:
+    result, _ = runs[Mode.FAST]
+    words = [w for s in result.segments for w in s.words or ()]
+    cues = [block.splitlines() for block in to_srt(result).strip().split("\n\n")]
+    assert len(cues) >= 5  # 38 s of speech in up to two VAD chunks, cut into sentences
+    at = 0
+    for _number, times, *lines in cues:
+        hours, minutes, seconds = times.split(" --> ")[0].replace(",", ".").split(":")
+        start = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+        shown = " ".join(lines).split()
+        assert [w.word.strip() for w in words[at : at + len(shown)]] == shown
+        assert abs(start - words[at].start) <= 1.0, (times, shown)
+        at += len(shown)
+    assert at == len(words)
 
 
 def test_concurrent_first_jobs_share_one_load() -> None:

@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from openai.types.audio import TranscriptionVerbose
 
 from tests.fixtures.fault_proxy import OPENAI_MAX_BYTES
 from tests.fixtures.gateway import (
@@ -31,18 +32,27 @@ from tests.speech import SPEECH, repeated_speech, script
 from tests.wer import wer
 from transcriber.checkpoints import BlobCheckpoints
 from transcriber.engines import build_engine
-from transcriber.engines.openai import OpenAIEngine
-from transcriber.mp3chunks import plan_chunks
+from transcriber.engines.openai import ChunkText, OpenAIEngine, _piece, _stitch
+from transcriber.mp3chunks import Chunk, plan_chunks
 from transcription import jobfiles
 from transcription.blobstore import LocalBlobStore
 from transcription.errors import TranscriptionFailed
 from transcription.jobfiles import JobFiles
 from transcription.settings import WorkerSettings
 from transcription.states import Mode
+from transcription.transcript import Word
 
 MAX_WER = 0.15
 NOWHERE = "http://127.0.0.1:9"
 """An upstream for proxies that refuse every request, so none is ever forwarded."""
+SEGMENT = {
+    "seek": 0,
+    "tokens": [],
+    "temperature": 0.0,
+    "avg_logprob": -0.2,
+    "compression_ratio": 1.2,
+    "no_speech_prob": 0.01,
+}
 
 
 def engine_for(base_url: str, **options: Any) -> OpenAIEngine:
@@ -154,6 +164,67 @@ def test_models_without_segments_get_one_segment_per_chunk(whisper_server: Whisp
     assert result.segments[0].start == 0
     assert [s.start for s in result.segments[1:]] == [s.end for s in result.segments[:-1]]
     assert wer(script(1), result.text) <= MAX_WER, result.text
+
+
+@pytest.mark.slow
+def test_whisper_models_are_asked_for_words_and_a_server_without_them_keeps_segments(
+    whisper_server: WhisperServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = engine_for(whisper_server.base_url)
+    asked: list[dict[str, Any]] = []
+    create = engine.client.audio.transcriptions.create
+
+    def recording(**options: Any) -> Any:
+        asked.append(options)
+        return create(**options)
+
+    monkeypatch.setattr(engine.client.audio.transcriptions, "create", recording)
+    result = engine.transcribe(SPEECH, temperature=0.3)
+    assert asked and all(
+        (a["timestamp_granularities"], a["temperature"]) == (["word", "segment"], 0.3)
+        for a in asked
+    )
+    # faster-whisper-server 0.0.3 ignores the granularities: no words, segments as before.
+    assert len(result.segments) >= 2 and all(s.words is None for s in result.segments)
+    assert wer(script(1), result.text) <= MAX_WER, result.text
+
+
+def test_words_the_server_times_go_to_their_segments_at_global_times() -> None:
+    chunk = Chunk(index=1, first=0, last=10, byte_start=0, byte_end=10, start=100.0, end=110.0)
+    answer = TranscriptionVerbose.model_validate(
+        {
+            "duration": 10.0,
+            "language": "english",
+            "text": "Hello there. Bye.",
+            "segments": [
+                {**SEGMENT, "id": 0, "start": 0.0, "end": 2.0, "text": " Hello there."},
+                {**SEGMENT, "id": 1, "start": 2.5, "end": 3.5, "text": " Bye."},
+            ],
+            "words": [
+                {"word": "Hello", "start": 0.1, "end": 0.6},
+                {"word": "there.", "start": 0.7, "end": 2.2},
+                {"word": "Bye.", "start": 2.6, "end": 3.4},
+            ],
+        }
+    )
+    piece = _piece(answer, chunk, "key", previous_text=False)
+    assert ChunkText.from_json(piece.to_json()) == piece
+    first, second = _stitch([piece])
+    assert first.words == (Word("Hello", 100.1, 100.6), Word("there.", 100.7, 102.2))
+    assert second.words == (Word("Bye.", 102.6, 103.4),)
+
+
+def test_a_checkpoint_saved_before_words_were_asked_for_still_resumes() -> None:
+    old = (
+        b'{"version": 1, "index": 0, "key": "k", "start": 0.0, "end": 5.0, "text": "Hi.", '
+        b'"language": "english", "segments": [{"start": 0.5, "end": 1.0, "text": "Hi.", '
+        b'"temperature": 0.0, "avg_logprob": -0.2, "compression_ratio": 1.0, '
+        b'"no_speech_prob": 0.01}], "previous_text": false}'
+    )
+    piece = ChunkText.from_json(old)
+    assert piece is not None
+    (segment,) = _stitch([piece])
+    assert (segment.text, segment.start, segment.words) == ("Hi.", 0.5, None)
 
 
 @pytest.mark.slow

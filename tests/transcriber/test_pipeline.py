@@ -61,6 +61,7 @@ class ScriptedEngine:
         mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
+        temperature: float | None = None,
     ) -> TranscriptResult:
         self.calls.append(
             {"audio": audio.read_bytes(), "language": language, "prompt": prompt, "mode": mode}
@@ -99,6 +100,7 @@ class ResumableScriptedEngine(ScriptedEngine):
         mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
+        temperature: float | None = None,
     ) -> TranscriptResult:
         assert checkpoints is not None
         previous = checkpoints.load("00000.json")

@@ -1,10 +1,9 @@
 """What the speed targets rest on, checked without timing: the model is loaded once however many
-jobs run, accurate mode really feeds the decoder the previous text, fast-mode segments are split
-for subtitles, and uploads enter the local blob store without being copied."""
+jobs run, accurate mode really feeds the decoder the previous text, fast-mode segments are cut
+for subtitles at their words, and uploads enter the local blob store without being copied."""
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,12 @@ from typing import Any
 import pytest
 from faster_whisper import WhisperModel
 from faster_whisper.transcribe import Segment as WhisperSegment
+from faster_whisper.transcribe import Word as WhisperWord
 
 from tests.fixtures.gateway import MakeClient, auth, eventually, issue_code, submit
 from tests.speech import repeated_speech
 from transcriber.engines import default_threads
-from transcriber.engines.local import LocalEngine, _timed_sentences
+from transcriber.engines.local import LocalEngine, _segments
 from transcription.blobstore.local import LocalBlobStore
 from transcription.states import Mode
 
@@ -74,27 +74,34 @@ def test_accurate_mode_gives_the_decoder_the_previous_text(
     assert context and all(n == 0 for n in context), context
 
 
-def test_fast_mode_chunks_are_split_into_sentences_timed_by_length() -> None:
-    text = " One two three. Four five six seven eight nine! Ten?"
+def test_fast_mode_chunks_are_cut_into_sentences_timed_by_their_words() -> None:
+    spoken = [" One", " two", " three.", " Four", " five", " six!", " Ten?"]
+    words = [WhisperWord(10.0 + 2 * i, 11.0 + 2 * i, w, 0.9) for i, w in enumerate(spoken)]
     piece = WhisperSegment(
         id=1,
         seek=0,
         start=10.0,
         end=30.0,
-        text=text,
+        text="".join(spoken),
         tokens=[],
         avg_logprob=-0.1,
         compression_ratio=1.0,
         no_speech_prob=0.0,
-        words=None,
+        words=words,
         temperature=0.0,
     )
-    parts = _timed_sentences(piece)
-    assert [p[2] for p in parts] == ["One two three.", "Four five six seven eight nine!", "Ten?"]
-    assert parts[0][0] == 10.0 and parts[-1][1] == 30.0
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
-    lengths = [end - start for start, end, _ in parts]
-    assert lengths[1] > lengths[0] > lengths[2]
+    parts = _segments(piece, batched=True, first_id=4)
+    assert [p.text for p in parts] == ["One two three.", "Four five six!", "Ten?"]
+    assert [(p.id, p.start, p.end) for p in parts] == [
+        (4, 10.0, 15.0),
+        (5, 16.0, 21.0),
+        (6, 22.0, 23.0),
+    ]
+    assert [len(p.words or ()) for p in parts] == [3, 3, 1]
+    assert all(p.avg_logprob == -0.1 for p in parts)
+    # Accurate mode keeps Whisper's own segment and its times, words attached.
+    (whole,) = _segments(piece, batched=False, first_id=0)
+    assert (whole.start, whole.end, len(whole.words or ())) == (10.0, 30.0, 7)
 
 
 def test_a_private_upload_is_linked_into_the_local_store_not_copied(tmp_path: Path) -> None:

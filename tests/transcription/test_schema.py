@@ -62,7 +62,7 @@ def test_the_migrated_schema_matches_the_models(db: Database) -> None:
     with db.engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         assert compare_metadata(context, Base.metadata) == []
-    assert current_revision(db.engine) == "0002"
+    assert current_revision(db.engine) == "0003"
 
 
 @pytest.mark.parametrize(
@@ -298,7 +298,7 @@ def test_migration_0002_upgrades_a_database_holding_data(bare_db: Database, tmp_
     assert current_revision(db.engine) == "0001"
     jobs = seed_0001(db)
     upgrade(db.engine)
-    assert current_revision(db.engine) == "0002"
+    assert current_revision(db.engine) == "0003"
 
     # Everything is still there, read through the new typed models.
     expected = {"budget": 1000, "reserved": 200, "spent": 100, "uses": 3}

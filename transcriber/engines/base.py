@@ -27,7 +27,8 @@ class Engine(Protocol):
     """Turns one audio file into a transcript; ``name`` and ``model`` are reported with the job.
 
     An engine that works in parts may save each finished part to ``checkpoints`` and, when the
-    same job runs again, reuse the saved parts instead of redoing them."""
+    same job runs again, reuse the saved parts instead of redoing them. ``temperature`` is the
+    first sampling temperature of Whisper's decoding (None: the engine's default)."""
 
     name: str
     model: str
@@ -41,4 +42,5 @@ class Engine(Protocol):
         mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
+        temperature: float | None = None,
     ) -> TranscriptResult: ...

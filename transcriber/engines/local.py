@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -12,9 +11,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import av
 
 from transcriber.engines.base import Checkpoints, ProgressCallback
+from transcription import metrics
 from transcription.errors import TranscriptionFailed, UndecodableAudio
 from transcription.states import Mode
-from transcription.transcript import Segment, TranscriptResult
+from transcription.transcript import Segment, TranscriptResult, Word, cues, text_of
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
@@ -26,7 +26,8 @@ _REQUIRED_FILES = ("model.bin", "tokenizer.json")
 _BEAM_SIZE = 5
 _SAMPLE_RATE = 16_000  # faster-whisper decodes everything to 16 kHz
 _TICK_SECONDS = 0.5
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# openai-whisper's fallback: each retry of a window that decoded badly samples 0.2 hotter.
+_TEMPERATURE_STEP = 0.2
 
 
 class ModelUnavailable(TranscriptionFailed):
@@ -90,7 +91,9 @@ class LocalEngine:
         compute_type = self.compute_types[mode]
         with self._lock:
             if compute_type not in self._models:
+                started = time.perf_counter()
                 self._models[compute_type] = self._load(compute_type)
+                metrics.MODEL_LOAD.labels(self.name).observe(time.perf_counter() - started)
                 self.loads += 1
             return self._models[compute_type]
 
@@ -141,14 +144,18 @@ class LocalEngine:
         on_progress: ProgressCallback | None = None,
         # Unused: this engine decodes the audio in one pass and has no parts to resume.
         checkpoints: Checkpoints | None = None,
+        temperature: float | None = None,
     ) -> TranscriptResult:
-        """Transcribe ``audio``; ``fast`` decodes VAD chunks in batches, ``accurate`` in order
-        with the previous text as context."""
+        """Transcribe ``audio`` with word times; ``fast`` decodes VAD chunks in batches and cuts
+        them into cues at the words, ``accurate`` decodes in order with the previous text as
+        context."""
         if mode not in tuple(Mode):
             raise ValueError(f"Unknown transcription mode {mode!r}; use 'fast' or 'accurate'.")
         whisper = self.load(mode)
         batched = mode == Mode.FAST
-        decode: dict[str, Any] = {"beam_size": _BEAM_SIZE}
+        decode: dict[str, Any] = {"beam_size": _BEAM_SIZE, "word_timestamps": True}
+        if temperature:
+            decode["temperature"] = _temperatures(temperature)
         if batched:
             decode.update(batch_size=self.batch_size, vad_filter=True)
         else:
@@ -179,7 +186,7 @@ class LocalEngine:
                 "compute_type": self.compute_types[mode],
                 # What the decoder was really given, not what was asked for.
                 "condition_on_previous_text": options.condition_on_previous_text,
-                "timestamps": "interpolated within VAD chunks" if batched else "decoded",
+                "timestamps": "cut at aligned words" if batched else "decoded, words aligned",
             },
         )
 
@@ -210,24 +217,7 @@ class LocalEngine:
         report = tracker.report if tracker is not None else on_progress
         segments: list[Segment] = []
         for piece in _guarded(pieces, audio):
-            timed = (
-                _timed_sentences(piece)
-                if batched
-                else [(piece.start, piece.end, piece.text.strip())]
-            )
-            for start, end, text in timed:
-                segments.append(
-                    Segment(
-                        id=len(segments),
-                        start=start,
-                        end=end,
-                        text=text,
-                        temperature=piece.temperature,
-                        avg_logprob=piece.avg_logprob,
-                        compression_ratio=piece.compression_ratio,
-                        no_speech_prob=piece.no_speech_prob,
-                    )
-                )
+            segments.extend(_segments(piece, batched, first_id=len(segments)))
             if report is not None:
                 report(min(piece.end, info.duration))
         return segments, info
@@ -318,22 +308,34 @@ class _BatchProgress:
                 return
 
 
-def _timed_sentences(piece: Any) -> list[tuple[float, float, str]]:
-    """Split a batched segment (a whole VAD chunk, up to 30 s, decoded without timestamps) into
-    sentences, timed in proportion to their length, so subtitles stay readable."""
-    text = piece.text.strip()
-    sentences = [s for s in _SENTENCE_END.split(text) if s] or [text]
-    if len(sentences) == 1:
-        return [(piece.start, piece.end, text)]
-    span = piece.end - piece.start
-    total = sum(len(s) for s in sentences)
-    out: list[tuple[float, float, str]] = []
-    at = 0
-    for sentence in sentences:
-        start = piece.start + span * at / total
-        at += len(sentence)
-        out.append((round(start, 3), round(piece.start + span * at / total, 3), sentence))
-    return out
+def _segments(piece: Any, batched: bool, first_id: int) -> list[Segment]:
+    """Our segments for one of faster-whisper's: a batched one is a whole VAD chunk (up to
+    30 s), so it is cut into cues timed by its first and last words."""
+    words = [
+        Word(w.word, float(w.start), float(w.end), float(w.probability)) for w in piece.words or ()
+    ]
+    figures = {
+        "temperature": piece.temperature,
+        "avg_logprob": piece.avg_logprob,
+        "compression_ratio": piece.compression_ratio,
+        "no_speech_prob": piece.no_speech_prob,
+    }
+    if not batched or not words:
+        return [
+            Segment(
+                first_id, piece.start, piece.end, piece.text.strip(), **figures, words=tuple(words)
+            )
+        ]
+    return [
+        Segment(first_id + i, run[0].start, run[-1].end, text_of(run), **figures, words=tuple(run))
+        for i, run in enumerate(cues(words))
+    ]
+
+
+def _temperatures(first: float) -> tuple[float, ...]:
+    """The fallback schedule openai-whisper's CLI uses for ``--temperature first``."""
+    steps = round((1.0 - first) / _TEMPERATURE_STEP)
+    return tuple(round(first + i * _TEMPERATURE_STEP, 2) for i in range(steps + 1))
 
 
 def _guarded(pieces: Iterable[_T], audio: Path) -> Iterator[_T]:

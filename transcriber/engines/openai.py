@@ -7,10 +7,13 @@ piece is sent: always in ``accurate`` mode, which sends one piece at a time, and
 whenever the previous piece has already finished (or was finished by an earlier attempt).
 Retries with exponential backoff, jitter and ``Retry-After`` are the SDK's own (``max_retries``).
 Each finished piece is saved as a checkpoint, so a job that runs again sends only what is missing.
+Whisper models are asked for word and segment timestamps; a server that answers without words
+leaves segments only.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import tempfile
@@ -25,9 +28,10 @@ import openai
 
 from transcriber.engines.base import Checkpoints, ProgressCallback
 from transcriber.mp3chunks import Chunk, plan_chunks, write_chunk
+from transcription import metrics
 from transcription.errors import EngineUnavailable, TranscriptionFailed
 from transcription.states import Mode
-from transcription.transcript import Segment, TranscriptResult
+from transcription.transcript import Segment, TranscriptResult, Word
 
 DEFAULT_MODEL = "whisper-1"
 PROMPT_CHARS = 800
@@ -57,7 +61,7 @@ class ChunkText:
     end: float
     text: str
     language: str | None
-    segments: list[dict[str, Any]]
+    segments: list[dict[str, Any]]  # a record saved before words were asked for has none
     previous_text: bool = False
 
     def to_json(self) -> bytes:
@@ -84,6 +88,7 @@ class _Run:
     keys: list[str]
     language: str | None
     prompt: str | None
+    temperature: float | None
     scratch: Path
     checkpoints: Checkpoints | None
     texts: dict[int, str] = field(default_factory=dict)
@@ -116,7 +121,11 @@ class OpenAIEngine:
         self.timeout = timeout
         self.response_format = response_format_for(self.model)
         self.client = openai.OpenAI(
-            api_key=api_key, base_url=base_url, max_retries=max_retries, timeout=timeout
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=max_retries,
+            timeout=timeout,
+            http_client=_MeteredClient(timeout=timeout),
         )
 
     def transcribe(
@@ -128,6 +137,7 @@ class OpenAIEngine:
         mode: Mode = Mode.FAST,
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
+        temperature: float | None = None,
     ) -> TranscriptResult:
         """Transcribe ``audio`` chunk by chunk; ``accurate`` sends one chunk at a time so every
         chunk is prompted with the text before it, ``fast`` sends ``parallelism`` at once."""
@@ -147,7 +157,9 @@ class OpenAIEngine:
         report(sum(piece.end - piece.start for piece in done.values()))
         parallelism = 1 if mode == Mode.ACCURATE else self.parallelism
         with tempfile.TemporaryDirectory(prefix="whisper-chunks-") as scratch:
-            run = _Run(audio, chunks, keys, language, prompt, Path(scratch), checkpoints)
+            run = _Run(
+                audio, chunks, keys, language, prompt, temperature, Path(scratch), checkpoints
+            )
             run.texts.update({index: piece.text for index, piece in done.items()})
             todo = [chunk for chunk in chunks if chunk.index not in done]
 
@@ -203,7 +215,11 @@ class OpenAIEngine:
         with ThreadPoolExecutor(
             max_workers=min(parallelism, len(todo)), thread_name_prefix="openai-chunk"
         ) as pool:
-            pending: set[Future[ChunkText]] = {pool.submit(self._send, run, c) for c in todo}
+            # Each in a copy of this thread's context, so what they log (the SDK's retries)
+            # names the job.
+            pending: set[Future[ChunkText]] = {
+                pool.submit(contextvars.copy_context().run, self._send, run, c) for c in todo
+            }
             try:
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -225,7 +241,7 @@ class OpenAIEngine:
         try:
             with path.open("rb") as file:
                 response = self._request(
-                    file, path.name, run.language, _prompt(run.prompt, previous)
+                    file, path.name, run.language, _prompt(run.prompt, previous), run.temperature
                 )
         except openai.OpenAIError as exc:
             raise self._failure(exc, chunk, len(run.chunks)) from exc
@@ -238,14 +254,23 @@ class OpenAIEngine:
             run.checkpoints.save(_checkpoint_name(chunk), piece.to_json())
         return piece
 
-    def _request(self, file: Any, name: str, language: str | None, prompt: str | None) -> Any:
+    def _request(
+        self,
+        file: Any,
+        name: str,
+        language: str | None,
+        prompt: str | None,
+        temperature: float | None,
+    ) -> Any:
         options: dict[str, Any] = {}
         if language:
             options["language"] = language
         if prompt:
             options["prompt"] = prompt
+        if temperature is not None:
+            options["temperature"] = temperature
         if self.response_format == "verbose_json":
-            options["timestamp_granularities"] = ["segment"]
+            options["timestamp_granularities"] = ["word", "segment"]
         return self.client.audio.transcriptions.create(
             file=(name, file, "audio/mpeg"),
             model=self.model,
@@ -298,6 +323,24 @@ class OpenAIEngine:
         return EngineUnavailable(f"{server} failed on {part}: {exc}", code="engine_error")
 
 
+class _MeteredClient(openai.DefaultHttpxClient):
+    """The SDK's HTTP client, counting each request it sends (every retry is one) by its
+    answer's status, and the bytes sent."""
+
+    # Typed loosely: the SDK's HTTP library is httpx or, in later versions, httpx2.
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        if int(request.headers.get("x-stainless-retry-count") or 0) > 0:
+            metrics.OPENAI_RETRIES.inc()
+        metrics.OPENAI_BYTES_SENT.inc(int(request.headers.get("content-length") or 0))
+        try:
+            response = super().send(request, **kwargs)
+        except Exception:
+            metrics.OPENAI_REQUESTS.labels("error").inc()
+            raise
+        metrics.OPENAI_REQUESTS.labels(str(response.status_code)).inc()
+        return response
+
+
 def _checkpoint_name(chunk: Chunk) -> str:
     return f"{chunk.index}.json"
 
@@ -321,11 +364,12 @@ def _tail(text: str, limit: int) -> str:
 
 
 def _piece(response: Any, chunk: Chunk, key: str, previous_text: bool) -> ChunkText:
-    """Turn the API's answer into global segments; an answer without segments (gpt-4o models)
-    becomes one segment spanning the chunk."""
+    """Turn the API's answer into global segments, each with the words that fall in it; an
+    answer without segments (gpt-4o models) becomes one segment spanning the chunk."""
     text = str(getattr(response, "text", "") or "").strip()
     language = getattr(response, "language", None)
     raw = getattr(response, "segments", None) or []
+    timed = [_timed_word(item, chunk) for item in getattr(response, "words", None) or []]
     segments: list[dict[str, Any]] = []
     for item in raw:
         words = str(_field(item, "text") or "").strip()
@@ -351,6 +395,13 @@ def _piece(response: Any, chunk: Chunk, key: str, previous_text: bool) -> ChunkT
         )
     if not segments and text:
         segments.append({"start": chunk.start, "end": chunk.end, "text": text})
+    if timed and segments:
+        for segment in segments:
+            segment["words"] = []
+        for word in timed:
+            middle = (word["start"] + word["end"]) / 2
+            home = min(segments, key=lambda s: _distance(middle, s["start"], s["end"]))
+            home["words"].append(word)
     return ChunkText(
         index=chunk.index,
         key=key,
@@ -361,6 +412,21 @@ def _piece(response: Any, chunk: Chunk, key: str, previous_text: bool) -> ChunkT
         segments=segments,
         previous_text=previous_text,
     )
+
+
+def _timed_word(item: Any, chunk: Chunk) -> dict[str, Any]:
+    start = chunk.start + float(_field(item, "start") or 0.0)
+    end = chunk.start + float(_field(item, "end") or 0.0)
+    return {
+        "word": str(_field(item, "word") or "").strip(),
+        "start": round(min(start, chunk.end), 3),
+        "end": round(min(max(end, start), chunk.end), 3),
+    }
+
+
+def _distance(at: float, start: float, end: float) -> float:
+    """How far ``at`` lies outside [start, end]: 0 inside."""
+    return max(start - at, at - end, 0.0)
 
 
 def _field(item: Any, name: str) -> Any:
@@ -385,7 +451,13 @@ def _stitch(pieces: list[ChunkText]) -> list[Segment]:
     segments: list[Segment] = []
     for piece in pieces:
         for item in piece.segments:
-            segments.append(Segment(id=len(segments), **item))
+            words = item.get("words")
+            segments.append(
+                Segment(
+                    id=len(segments),
+                    **{**item, "words": None if words is None else tuple(Word(**w) for w in words)},
+                )
+            )
     return segments
 
 

@@ -185,6 +185,7 @@ class Job(Base):
     charged_seconds: Mapped[int | None] = mapped_column(Integer)
     language: Mapped[str | None] = mapped_column(String(16))
     prompt: Mapped[str | None] = mapped_column(Text)
+    temperature: Mapped[float | None] = mapped_column(Float)
     mode: Mapped[Mode] = mapped_column(enum_column(Mode, "mode"))
     engine: Mapped[EngineKind] = mapped_column(enum_column(EngineKind, "engine"))
     model: Mapped[str | None] = mapped_column(String(200))
