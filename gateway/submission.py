@@ -93,6 +93,7 @@ async def accept_upload(
             tmp_dir=services.upload_dir,
             max_bytes=services.settings.max_upload_bytes,
             idle_timeout=services.settings.body_timeout,
+            min_rate=services.settings.min_upload_rate,
             slots=services.uploads,
             holder=code.id,
         )

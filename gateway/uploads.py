@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,6 +187,32 @@ class _Receiver:
             self.upload.sha256 = self.hasher.hexdigest()
 
 
+#: The window a minimum upload rate is measured over when uploads have no idle deadline.
+DEFAULT_RATE_WINDOW = 30.0
+
+
+class _Pace:
+    """Bytes received per window: a client that trickles a byte just often enough to beat the
+    idle deadline would otherwise hold an upload slot (and its temp file) for as long as it likes."""
+
+    def __init__(self, min_rate: float, window: float) -> None:
+        self.min_rate, self.window = min_rate, window
+        self.started = time.monotonic()
+        self.received = 0
+
+    def too_slow(self, size: int) -> bool:
+        if not self.min_rate:
+            return False
+        self.received += size
+        elapsed = time.monotonic() - self.started
+        if elapsed < self.window:
+            return False
+        if self.received < self.min_rate * elapsed:
+            return True
+        self.started, self.received = time.monotonic(), 0
+        return False
+
+
 async def receive_upload(
     request: Request,
     *,
@@ -194,10 +221,12 @@ async def receive_upload(
     idle_timeout: float,
     slots: UploadSlots,
     holder: str,
+    min_rate: float = 0.0,
     file_field: str = "file",
 ) -> Upload:
     """Parse a multipart/form-data body in one of ``holder``'s slots, refusing it when no byte
-    arrives for ``idle_timeout`` seconds (0: no limit); the caller must ``discard()`` the upload."""
+    arrives for ``idle_timeout`` seconds, or fewer than ``min_rate`` bytes a second arrive over
+    a window of that length (0: no limit); the caller must ``discard()`` the upload."""
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or b"boundary" not in params:
         raise InvalidRequest(
@@ -226,6 +255,7 @@ async def receive_upload(
     )
     upload.release = slots.acquire(holder)
     received = 0
+    pace = _Pace(min_rate, idle_timeout or DEFAULT_RATE_WINDOW)
     metrics.UPLOADS_IN_FLIGHT.inc()
     try:
         chunks = request.stream()
@@ -241,6 +271,13 @@ async def receive_upload(
                     param=file_field,
                 ) from None
             received += len(chunk)
+            if pace.too_slow(len(chunk)):
+                raise UploadTimeout(
+                    f"The upload arrived at under {human_size(int(min_rate))} a second; "
+                    "send it again over a faster connection.",
+                    param=file_field,
+                    code="upload_too_slow",
+                )
             parser.write(chunk)
         parser.finalize()
         if not receiver.ended:

@@ -243,6 +243,12 @@ class GatewaySettings(WorkerSettings):
         description="Seconds a request body (an upload included) may go without a byte arriving "
         "before the request is refused (408).",
     )
+    min_upload_rate: int = Field(
+        4096,
+        ge=0,
+        description="Bytes a second an upload must average over each body_timeout window "
+        "(30 s when that is 0), or it is refused (408 upload_too_slow); 0 = no minimum.",
+    )
     max_uploads: int = Field(
         12, ge=0, description="Uploads received at once by this process, over every code."
     )

@@ -327,6 +327,7 @@ PROOFS: dict[str, Proof | Switch] = {
             ("maxBodyBytes", "MAX_BODY_BYTES", 4097),
             ("headerTimeout", "HEADER_TIMEOUT", 2.5),
             ("bodyTimeout", "BODY_TIMEOUT", 31.5),
+            ("minUploadRate", "MIN_UPLOAD_RATE", 4095),
             ("maxUploads", "MAX_UPLOADS", 13),
             ("maxUploadsPerCode", "MAX_UPLOADS_PER_CODE", 3),
             ("maxConnections", "MAX_CONNECTIONS", 1001),

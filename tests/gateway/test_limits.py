@@ -22,9 +22,12 @@ from tests.fixtures.server import Server, running_server
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 2.0
+#: Bytes a second an upload must average over each BODY_TIMEOUT window.
+MIN_UPLOAD_RATE = 200
 LIMITS = {
     "WHISPER_HEADER_TIMEOUT": str(HEADER_TIMEOUT),
     "WHISPER_BODY_TIMEOUT": str(BODY_TIMEOUT),
+    "WHISPER_MIN_UPLOAD_RATE": str(MIN_UPLOAD_RATE),
     "WHISPER_MAX_UPLOADS": "3",
     "WHISPER_MAX_UPLOADS_PER_CODE": "2",
     # The OpenAI route answers 409 transcription_pending then, rather than wait for the job.
@@ -289,6 +292,27 @@ def test_an_upload_that_stalls_is_answered_408_and_its_temp_file_removed(
     assert credits(server, code) == before
 
 
+def test_an_upload_trickling_under_the_minimum_rate_is_answered_408_and_removed(
+    server: Server,
+) -> None:
+    """A byte every quarter second beats the idle deadline forever, but at 4 bytes a second it
+    is refused ``upload_too_slow`` after one or two rate windows, the partial file deleted and
+    the slot free again, nothing charged."""
+    code = server.create_code()
+    before = credits(server, code)
+    raw = start_upload(server, code)
+    started = time.monotonic()
+    with trickling([raw]):
+        status, headers, body = raw.response()
+    held = time.monotonic() - started
+    assert (status, error_code(body), headers["connection"]) == (408, "upload_too_slow", "close")
+    assert "faster connection" in json.loads(body)["error"]["message"]
+    assert BODY_TIMEOUT <= held < 2 * BODY_TIMEOUT + WAIT / 4, held
+    raw.close()
+    wait_until(lambda: temp_files(server) == [], "the slow upload's temp file to go")
+    assert credits(server, code) == before
+
+
 def test_concurrent_uploads_are_capped_per_code_and_in_total(server: Server, mp3_5s: Path) -> None:
     """Two uploads in flight for one code and three in all: the next one is refused at once
     with 429 ``too_many_uploads`` and a Retry-After, nothing charged; when the held uploads
@@ -298,7 +322,8 @@ def test_concurrent_uploads_are_capped_per_code_and_in_total(server: Server, mp3
         held = [start_upload(server, code) for code in (first, first, second)]
         for raw in held:
             stack.callback(raw.close)
-        stack.enter_context(trickling(held))
+        # 1,024 bytes a second each: above the minimum rate, so the slots stay held.
+        stack.enter_context(trickling(held, b"\xff" * 256))
         for code, says in ((first, "This code already has 2 uploads"), (third, "as many uploads")):
             before = credits(server, code)
             refused = upload(server, code, mp3_5s)
