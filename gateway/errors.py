@@ -32,6 +32,7 @@ STATUS: list[tuple[type[e.DomainError], int, str]] = [
     (e.RequestTimeout, 408, "invalid_request_error"),
     (e.TooManyRequests, 429, "rate_limit_error"),
     (e.ClusterUnavailable, 503, "server_error"),
+    (e.ServerBusy, 503, "server_error"),
     (e.UnsupportedMediaType, 415, "invalid_request_error"),
     (e.InvalidAudio, 422, "invalid_request_error"),
     (e.IdempotencyKeyReused, 422, "invalid_request_error"),

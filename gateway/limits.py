@@ -20,7 +20,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gateway.errors import error_body, status_for
 from gateway.uploads import human_size
-from transcription.errors import DomainError, RequestTimeout, RequestTooLarge
+from transcription.errors import (
+    DomainError,
+    InvalidRequest,
+    RequestTimeout,
+    RequestTooLarge,
+    ServerBusy,
+)
 from transcription.settings import GatewaySettings
 
 
@@ -102,11 +108,18 @@ async def _refuse(exc: DomainError, scope: Scope, receive: Receive, send: Send) 
     await response(scope, receive, send)
 
 
+#: What h11 holds of unfinished headers when uvicorn is not told otherwise.
+H11_DEFAULT_HEADER_BYTES = 16 * 1024
+#: Seconds a client refused at the connection limit is asked to wait.
+BUSY_RETRY_AFTER = 2
+
+
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with what uvicorn lacks: a deadline for each request's line and
     headers, counted from the connection's start or from a later request's first byte (the
-    keep-alive timeout covers the wait before it; ``header_timeout`` 0 means none), and no
-    reading on past a response given before its request's body was read."""
+    keep-alive timeout covers the wait before it; ``header_timeout`` 0 means none), no reading
+    on past a response given before its request's body was read, and its own refusals (too many
+    connections, malformed requests) in the API's JSON error shape instead of plain text."""
 
     header_timeout: float = 0.0
 
@@ -120,10 +133,34 @@ class BoundedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.conn.their_state is h11.IDLE:
+            if self._crowded():
+                # What uvicorn's limit_concurrency would answer later, as plain text.
+                busy = ServerBusy(
+                    "The server is at its connection limit; try again shortly.",
+                    retry_after=BUSY_RETRY_AFTER,
+                )
+                self.transport.write(_raw_response(busy, {"Retry-After": str(BUSY_RETRY_AFTER)}))
+                self.transport.close()
+                return
             self._arm()
         super().data_received(data)
         if self.conn.their_state is not h11.IDLE:
             self._disarm()
+
+    def send_400_response(self, msg: str) -> None:
+        limit = self.config.h11_max_incomplete_event_size or H11_DEFAULT_HEADER_BYTES
+        invalid = InvalidRequest(
+            "The request is not valid HTTP/1.1, or its line and headers are larger than "
+            f"{human_size(limit)}.",
+            code="invalid_http_request",
+        )
+        self.transport.write(_raw_response(invalid))
+        self.transport.close()
+
+    def _crowded(self) -> bool:
+        # uvicorn's own test, made before it would: this connection is among those counted.
+        limit = self.limit_concurrency
+        return limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -159,16 +196,17 @@ class BoundedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def _raw_response(exc: DomainError) -> bytes:
+def _raw_response(exc: DomainError, headers: dict[str, str] | None = None) -> bytes:
     """A complete HTTP/1.1 response for ``exc`` that closes the connection, written below h11
     (which will not answer a request it has not received)."""
     status, content = _error_content(exc)
     body = json.dumps(content).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
         "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
-        "connection: close\r\n\r\n"
+        f"{extra}connection: close\r\n\r\n"
     )
     return head.encode() + body
 

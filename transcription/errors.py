@@ -76,6 +76,16 @@ class ClusterUnavailable(DomainError):
         self.retry_after = retry_after
 
 
+class ServerBusy(DomainError):
+    """The server holds as many connections as it may; nothing was done."""
+
+    code = "server_busy"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class NotFound(DomainError):
     code = "not_found"
 
@@ -213,8 +223,10 @@ KNOWN_CODES: frozenset[str] = frozenset(
         "transcript_missing",
         "worker_lost",
         # gateway
+        "invalid_http_request",
         "missing_code",
         "model_not_found",
         "transcription_cancelled",
+        "upload_too_slow",
     }
 )

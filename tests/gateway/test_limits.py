@@ -269,9 +269,19 @@ def test_headers_larger_than_the_limit_are_refused(server: Server) -> None:
     raw = Raw(server)
     # 20 KiB of headers, never ended: more than the 16 KiB held while headers are incomplete.
     raw.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + b"X-Filler: " + b"a" * 20480)
-    status, _ = raw.head()
-    assert status == 400
-    raw.reader.read()  # uvicorn's own answer, up to the close that ends it
+    status, _, body = raw.response()
+    assert (status, error_code(body)) == (400, "invalid_http_request")
+    assert "16 KiB" in json.loads(body)["error"]["message"]
+    assert raw.at_eof()
+    raw.close()
+
+
+def test_a_malformed_request_is_answered_in_the_error_shape(server: Server) -> None:
+    raw = Raw(server)
+    raw.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\nNo colon here\r\n\r\n")
+    status, _, body = raw.response()
+    assert (status, error_code(body)) == (400, "invalid_http_request")
+    assert raw.at_eof()
     raw.close()
 
 
@@ -359,7 +369,9 @@ def test_requests_past_the_connection_limit_are_answered_503(crowded: Server) ->
             # The next request's first line keeps the connection open past the keep-alive.
             raw.send(b"GET /healthz HTTP/1.1\r\n")
             held.append(raw)
-        assert httpx.get(crowded.base_url + "/healthz", timeout=WAIT).status_code == 503
+        busy = httpx.get(crowded.base_url + "/healthz", timeout=WAIT)
+        assert (busy.status_code, error_code(busy)) == (503, "server_busy")
+        assert int(busy.headers["retry-after"]) > 0
     wait_until(
         lambda: httpx.get(crowded.base_url + "/healthz", timeout=WAIT).status_code == 200,
         "the server to take requests again",
