@@ -20,7 +20,12 @@ from transcription import idempotency, jobfiles, ledger, lifecycle
 from transcription.audio import AudioInfo, probe_mp3
 from transcription.db.models import CreditCode, Job
 from transcription.errors import ClusterUnavailable, InvalidRequest
-from transcription.joboptions import check_language, check_mode, check_prompt
+from transcription.joboptions import (
+    check_language,
+    check_mode,
+    check_prompt,
+    check_word_timestamps,
+)
 from transcription.states import Mode
 
 log = logging.getLogger(__name__)
@@ -29,13 +34,15 @@ T = TypeVar("T")
 
 
 class JobOptions(TypedDict):
-    """What a submission asks of its job; ``temperature`` is left out unless given, so a request
-    that does not set it hashes as it did before it existed (``Idempotency-Key`` replays)."""
+    """What a submission asks of its job; ``temperature`` and ``word_timestamps`` are left out
+    at their defaults, so such a request hashes as it did before they existed
+    (``Idempotency-Key`` replays)."""
 
     language: str | None
     prompt: str | None
     mode: str
     temperature: NotRequired[float]
+    word_timestamps: NotRequired[bool]
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,8 @@ class Accepted(Generic[T]):
 
 
 def job_options(upload: Upload, services: Services) -> JobOptions:
-    """The job's ``language``, ``prompt`` and ``mode`` from the form, checked."""
+    """The job's ``language``, ``prompt``, ``mode`` and ``word_timestamps`` from the form,
+    checked."""
     language = check_language(upload.field("language"))
     model = services.model_name or ""
     if language not in (None, "en") and model.endswith(".en"):
@@ -63,7 +71,10 @@ def job_options(upload: Upload, services: Services) -> JobOptions:
         )
     prompt = check_prompt(upload.field("prompt"))
     mode = check_mode(upload.field("mode")).value
-    return {"language": language, "prompt": prompt, "mode": mode}
+    options: JobOptions = {"language": language, "prompt": prompt, "mode": mode}
+    if not check_word_timestamps(upload.field("word_timestamps")):
+        options["word_timestamps"] = False
+    return options
 
 
 async def accept_upload(
@@ -183,6 +194,7 @@ def _create_job(
                     prompt=options["prompt"],
                     mode=options["mode"] or Mode.FAST.value,
                     temperature=options.get("temperature"),
+                    word_timestamps=options.get("word_timestamps", True),
                     engine=services.engine_name,
                     model=services.model_name,
                 ),
@@ -202,6 +214,7 @@ def upload_request_body(**properties: dict[str, Any]) -> dict[str, Any]:
         "language": {"type": "string", "example": "en"},
         "prompt": {"type": "string"},
         "mode": {"type": "string", "enum": [m.value for m in Mode]},
+        "word_timestamps": {"type": "boolean", "default": True},
         **properties,
     }
     schema = {"type": "object", "required": ["file"], "properties": fields}

@@ -112,6 +112,7 @@ class Pipeline:
             on_progress=reporter,
             checkpoints=BlobCheckpoints(self.blobs, jobfiles.checkpoint_prefix(request.job_id)),
             temperature=request.temperature,
+            word_timestamps=request.word_timestamps,
         )
 
     @contextmanager

@@ -87,6 +87,7 @@ class RunRequest(_Record):
     language: str | None = None
     prompt: str | None = None
     temperature: float | None = None
+    word_timestamps: bool = True
 
     @classmethod
     def of(cls, job: Job) -> RunRequest:
@@ -98,6 +99,7 @@ class RunRequest(_Record):
             language=job.language,
             prompt=job.prompt,
             temperature=job.temperature,
+            word_timestamps=job.word_timestamps,
         )
 
     def env(self) -> dict[str, str]:

@@ -29,6 +29,14 @@ def check_prompt(value: str | None) -> str | None:
     return prompt
 
 
+def check_word_timestamps(value: str | None) -> bool:
+    """Whether to time each word: on unless the form says ``false``."""
+    given = (value or "true").strip().lower()
+    if given not in ("true", "false"):
+        raise InvalidRequest("word_timestamps must be 'true' or 'false'.", param="word_timestamps")
+    return given == "true"
+
+
 def check_mode(value: str | None) -> Mode:
     mode = (value or Mode.FAST.value).strip().lower()
     if mode not in {m.value for m in Mode}:

@@ -51,6 +51,7 @@ class NewJob:
     model: str | None
     job_id: str | None = None
     temperature: float | None = None
+    word_timestamps: bool = True
 
 
 def new_job_id() -> str:
@@ -87,6 +88,7 @@ def queued_job(new: NewJob) -> Job:
         language=new.language,
         prompt=new.prompt,
         temperature=new.temperature,
+        word_timestamps=new.word_timestamps,
         mode=new.mode,
         engine=new.engine,
         model=new.model,

@@ -133,6 +133,11 @@ def parse_form(upload: Upload, services: Services) -> tuple[JobOptions, Form]:
             "response_format=verbose_json.",
             param="timestamp_granularities[]",
         )
+    if "word" in timestamps and options.get("word_timestamps") is False:
+        raise InvalidRequest(
+            "timestamp_granularities[]=word needs the words timed: drop word_timestamps=false.",
+            param="timestamp_granularities[]",
+        )
     stream = (upload.field("stream") or "false").strip().lower()
     if stream not in ("true", "false") or (
         stream == "true" and response_format not in STREAMED_FORMATS

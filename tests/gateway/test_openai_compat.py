@@ -202,6 +202,15 @@ def test_refusals_are_the_sdks_typed_errors_and_cost_nothing(
         ({"temperature": 1.5}, "temperature"),
         ({"extra_body": {"chunking_strategy": "server_vad"}}, "chunking_strategy"),
         ({"response_format": "diarized_json"}, "response_format"),
+        ({"extra_body": {"word_timestamps": "maybe"}}, "word_timestamps"),
+        (
+            {
+                "response_format": "verbose_json",
+                "timestamp_granularities": ["word"],
+                "extra_body": {"word_timestamps": "false"},
+            },
+            "timestamp_granularities[]",
+        ),
     ]
     for options, param in refusals:
         with pytest.raises(openai.BadRequestError) as refused:

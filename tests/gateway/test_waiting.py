@@ -87,19 +87,9 @@ def code(stalled: Server, mp3_5s: Path) -> str:
     """A code whose first job holds the only worker, so every later one stays queued."""
     code = stalled.create_code(seconds=3600, max_uses=100)
     first = upload(stalled, code, mp3_5s)["id"]
-    response = httpx.get(
-        f"{stalled.base_url}/v1/transcriptions/{first}/events", headers=auth(code), timeout=30
-    )
-    assert response.status_code == 200
-    deadline = time.monotonic() + 30
-    while (
-        httpx.get(f"{stalled.base_url}/v1/transcriptions/{first}", headers=auth(code)).json()[
-            "status"
-        ]
-        != "running"
-    ):
-        assert time.monotonic() < deadline, "the first job never started"
-        time.sleep(0.1)
+    url = f"{stalled.base_url}/v1/transcriptions/{first}/events"
+    with httpx.stream("GET", url, headers=auth(code), timeout=30) as response:
+        assert next(e for e in events(response) if e["event"] != "queued")["event"] == "running"
     return code
 
 

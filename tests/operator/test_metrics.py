@@ -216,7 +216,7 @@ class MeteredEngine(FixedEngine):
         return super().transcribe(audio, **options)
 
 
-ENGINE_COUNTERS = (
+ENGINE_COUNTERS: tuple[tuple[str, dict[str, str]], ...] = (
     ("whisper_openai_requests_total", {"status": "429"}),
     ("whisper_openai_requests_total", {"status": "200"}),
     ("whisper_openai_requests_total", {"status": "400"}),

@@ -150,6 +150,7 @@ class SimEngine:
         on_progress: Callable[[float], None] | None = None,
         checkpoints: Any = None,
         temperature: float | None = None,
+        word_timestamps: bool = True,
     ) -> TranscriptResult:
         duration = self.request.audio_seconds
         if on_progress is not None:

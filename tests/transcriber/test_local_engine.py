@@ -143,6 +143,17 @@ def test_fast_mode_subtitle_cues_start_within_a_second_of_the_words_they_show(ru
     assert at == len(words)
 
 
+@pytest.mark.slow
+def test_without_word_timestamps_fast_cues_are_timed_by_sentence_length(
+    engine: LocalEngine,
+) -> None:
+    result = engine.transcribe(SPEECH, word_timestamps=False)
+    assert wer(REFERENCE, result.text) <= MAX_WER, result.text
+    assert result.extra["timestamps"] == "cues estimated from sentence lengths"
+    assert len(result.segments) >= 5 and all(s.words is None for s in result.segments)
+    assert [s.start for s in result.segments] == sorted(s.start for s in result.segments)
+
+
 def test_concurrent_first_jobs_share_one_load() -> None:
     fresh = LocalEngine()
     threads = [threading.Thread(target=fresh.load) for _ in range(4)]

@@ -62,6 +62,7 @@ class ScriptedEngine:
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
         temperature: float | None = None,
+        word_timestamps: bool = True,
     ) -> TranscriptResult:
         self.calls.append(
             {"audio": audio.read_bytes(), "language": language, "prompt": prompt, "mode": mode}
@@ -101,6 +102,7 @@ class ResumableScriptedEngine(ScriptedEngine):
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
         temperature: float | None = None,
+        word_timestamps: bool = True,
     ) -> TranscriptResult:
         assert checkpoints is not None
         previous = checkpoints.load("00000.json")

@@ -28,7 +28,8 @@ class Engine(Protocol):
 
     An engine that works in parts may save each finished part to ``checkpoints`` and, when the
     same job runs again, reuse the saved parts instead of redoing them. ``temperature`` is the
-    first sampling temperature of Whisper's decoding (None: the engine's default)."""
+    first sampling temperature of Whisper's decoding (None: the engine's default);
+    ``word_timestamps`` asks for each word's times."""
 
     name: str
     model: str
@@ -43,4 +44,5 @@ class Engine(Protocol):
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
         temperature: float | None = None,
+        word_timestamps: bool = True,
     ) -> TranscriptResult: ...

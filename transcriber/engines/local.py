@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,7 @@ _REQUIRED_FILES = ("model.bin", "tokenizer.json")
 _BEAM_SIZE = 5
 _SAMPLE_RATE = 16_000  # faster-whisper decodes everything to 16 kHz
 _TICK_SECONDS = 0.5
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 # openai-whisper's fallback: each retry of a window that decoded badly samples 0.2 hotter.
 _TEMPERATURE_STEP = 0.2
 
@@ -145,15 +147,16 @@ class LocalEngine:
         # Unused: this engine decodes the audio in one pass and has no parts to resume.
         checkpoints: Checkpoints | None = None,
         temperature: float | None = None,
+        word_timestamps: bool = True,
     ) -> TranscriptResult:
-        """Transcribe ``audio`` with word times; ``fast`` decodes VAD chunks in batches and cuts
-        them into cues at the words, ``accurate`` decodes in order with the previous text as
-        context."""
+        """Transcribe ``audio``; ``fast`` decodes VAD chunks in batches and cuts them into cues
+        (timed by their words, or without ``word_timestamps`` by their length), ``accurate``
+        decodes in order with the previous text as context."""
         if mode not in tuple(Mode):
             raise ValueError(f"Unknown transcription mode {mode!r}; use 'fast' or 'accurate'.")
         whisper = self.load(mode)
         batched = mode == Mode.FAST
-        decode: dict[str, Any] = {"beam_size": _BEAM_SIZE, "word_timestamps": True}
+        decode: dict[str, Any] = {"beam_size": _BEAM_SIZE, "word_timestamps": word_timestamps}
         if temperature:
             decode["temperature"] = _temperatures(temperature)
         if batched:
@@ -186,7 +189,7 @@ class LocalEngine:
                 "compute_type": self.compute_types[mode],
                 # What the decoder was really given, not what was asked for.
                 "condition_on_previous_text": options.condition_on_previous_text,
-                "timestamps": "cut at aligned words" if batched else "decoded, words aligned",
+                "timestamps": _timestamps(batched, word_timestamps),
             },
         )
 
@@ -308,9 +311,16 @@ class _BatchProgress:
                 return
 
 
+def _timestamps(batched: bool, words: bool) -> str:
+    if not batched:
+        return "decoded, words aligned" if words else "decoded"
+    return "cues cut at aligned words" if words else "cues estimated from sentence lengths"
+
+
 def _segments(piece: Any, batched: bool, first_id: int) -> list[Segment]:
     """Our segments for one of faster-whisper's: a batched one is a whole VAD chunk (up to
-    30 s), so it is cut into cues timed by its first and last words."""
+    30 s), so it is cut into cues timed by its first and last words, or without words by the
+    length of its sentences."""
     words = [
         Word(w.word, float(w.start), float(w.end), float(w.probability)) for w in piece.words or ()
     ]
@@ -320,6 +330,11 @@ def _segments(piece: Any, batched: bool, first_id: int) -> list[Segment]:
         "compression_ratio": piece.compression_ratio,
         "no_speech_prob": piece.no_speech_prob,
     }
+    if batched and piece.words is None:
+        return [
+            Segment(first_id + i, start, end, text, **figures)
+            for i, (start, end, text) in enumerate(_timed_sentences(piece))
+        ]
     if not batched or not words:
         return [
             Segment(
@@ -330,6 +345,24 @@ def _segments(piece: Any, batched: bool, first_id: int) -> list[Segment]:
         Segment(first_id + i, run[0].start, run[-1].end, text_of(run), **figures, words=tuple(run))
         for i, run in enumerate(cues(words))
     ]
+
+
+def _timed_sentences(piece: Any) -> list[tuple[float, float, str]]:
+    """Split a batched segment decoded without word times into sentences, timed in proportion
+    to their length."""
+    text = piece.text.strip()
+    sentences = [s for s in _SENTENCE_END.split(text) if s] or [text]
+    if len(sentences) == 1:
+        return [(piece.start, piece.end, text)]
+    span = piece.end - piece.start
+    total = sum(len(s) for s in sentences)
+    out: list[tuple[float, float, str]] = []
+    at = 0
+    for sentence in sentences:
+        start = piece.start + span * at / total
+        at += len(sentence)
+        out.append((round(start, 3), round(piece.start + span * at / total, 3), sentence))
+    return out
 
 
 def _temperatures(first: float) -> tuple[float, ...]:

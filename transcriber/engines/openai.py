@@ -7,8 +7,8 @@ piece is sent: always in ``accurate`` mode, which sends one piece at a time, and
 whenever the previous piece has already finished (or was finished by an earlier attempt).
 Retries with exponential backoff, jitter and ``Retry-After`` are the SDK's own (``max_retries``).
 Each finished piece is saved as a checkpoint, so a job that runs again sends only what is missing.
-Whisper models are asked for word and segment timestamps; a server that answers without words
-leaves segments only.
+Whisper models are asked for word and segment timestamps (words unless the job declines them); a
+server that answers without words leaves segments only.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ class _Run:
     language: str | None
     prompt: str | None
     temperature: float | None
+    words: bool
     scratch: Path
     checkpoints: Checkpoints | None
     texts: dict[int, str] = field(default_factory=dict)
@@ -138,6 +139,7 @@ class OpenAIEngine:
         on_progress: ProgressCallback | None = None,
         checkpoints: Checkpoints | None = None,
         temperature: float | None = None,
+        word_timestamps: bool = True,
     ) -> TranscriptResult:
         """Transcribe ``audio`` chunk by chunk; ``accurate`` sends one chunk at a time so every
         chunk is prompted with the text before it, ``fast`` sends ``parallelism`` at once."""
@@ -158,7 +160,15 @@ class OpenAIEngine:
         parallelism = 1 if mode == Mode.ACCURATE else self.parallelism
         with tempfile.TemporaryDirectory(prefix="whisper-chunks-") as scratch:
             run = _Run(
-                audio, chunks, keys, language, prompt, temperature, Path(scratch), checkpoints
+                audio,
+                chunks,
+                keys,
+                language,
+                prompt,
+                temperature,
+                word_timestamps,
+                Path(scratch),
+                checkpoints,
             )
             run.texts.update({index: piece.text for index, piece in done.items()})
             todo = [chunk for chunk in chunks if chunk.index not in done]
@@ -241,7 +251,12 @@ class OpenAIEngine:
         try:
             with path.open("rb") as file:
                 response = self._request(
-                    file, path.name, run.language, _prompt(run.prompt, previous), run.temperature
+                    file,
+                    path.name,
+                    run.language,
+                    _prompt(run.prompt, previous),
+                    run.temperature,
+                    run.words,
                 )
         except openai.OpenAIError as exc:
             raise self._failure(exc, chunk, len(run.chunks)) from exc
@@ -261,6 +276,7 @@ class OpenAIEngine:
         language: str | None,
         prompt: str | None,
         temperature: float | None,
+        words: bool,
     ) -> Any:
         options: dict[str, Any] = {}
         if language:
@@ -270,7 +286,7 @@ class OpenAIEngine:
         if temperature is not None:
             options["temperature"] = temperature
         if self.response_format == "verbose_json":
-            options["timestamp_granularities"] = ["word", "segment"]
+            options["timestamp_granularities"] = ["word", "segment"] if words else ["segment"]
         return self.client.audio.transcriptions.create(
             file=(name, file, "audio/mpeg"),
             model=self.model,

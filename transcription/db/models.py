@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Enum,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     text,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -186,6 +188,7 @@ class Job(Base):
     language: Mapped[str | None] = mapped_column(String(16))
     prompt: Mapped[str | None] = mapped_column(Text)
     temperature: Mapped[float | None] = mapped_column(Float)
+    word_timestamps: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     mode: Mapped[Mode] = mapped_column(enum_column(Mode, "mode"))
     engine: Mapped[EngineKind] = mapped_column(enum_column(EngineKind, "engine"))
     model: Mapped[str | None] = mapped_column(String(200))
