@@ -51,6 +51,10 @@ class TranscriptionOut(BaseModel):
     model: str | None
     language: str | None
     prompt: str | None
+    temperature: float | None = Field(
+        None, description="The first sampling temperature asked for (OpenAI endpoint)."
+    )
+    word_timestamps: bool = Field(True, description="Whether each word is timed.")
     audio_seconds: float
     reserved_seconds: int
     charged_seconds: int | None
@@ -87,6 +91,8 @@ class TranscriptionOut(BaseModel):
             model=job.model,
             language=job.language,
             prompt=job.prompt,
+            temperature=job.temperature,
+            word_timestamps=job.word_timestamps,
             audio_seconds=round(job.audio_seconds, 3),
             reserved_seconds=job.reserved_seconds,
             charged_seconds=job.charged_seconds,

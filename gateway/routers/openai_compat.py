@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from gateway.deps import CodeDep, ServicesDep
 from gateway.errors import error_body, openai_dialect, status_for
-from gateway.routers.transcriptions import find_job
+from gateway.routers.transcriptions import KEEPALIVE_SECONDS, find_job
 from gateway.schemas import ErrorResponse
 from gateway.services import Services
 from gateway.submission import (
@@ -185,7 +185,7 @@ async def create_transcription(
     )
     if accepted.form.stream:
         return StreamingResponse(
-            _stream(request, services, accepted.job_id, accepted.form),
+            _stream(request, services, accepted.job_id),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -224,15 +224,17 @@ async def _wait(
         delay = min(delay * 2, _POLL_MAX)
 
 
-async def _stream(
-    request: Request, services: Services, job_id: str, form: Form
-) -> AsyncIterator[str]:
+async def _stream(request: Request, services: Services, job_id: str) -> AsyncIterator[str]:
     """The job's outcome as server-sent events; a caller that hangs up before the end cancels
     the job as a non-streamed caller does."""
     answered = False
+    waiting = asyncio.ensure_future(_wait(request, services, job_id))
     try:
+        # A comment now and then while the job runs, so proxies do not close the stream as idle.
+        while not (await asyncio.wait({waiting}, timeout=KEEPALIVE_SECONDS))[0]:
+            yield ": keep-alive\n\n"
         try:
-            finished = await _wait(request, services, job_id)
+            finished = waiting.result()
         except DomainError as exc:
             answered = True
             yield _event(_error(exc))
@@ -251,6 +253,7 @@ async def _stream(
             yield _event({"type": "transcript.text.delta", "delta": (" " if i else "") + text})
         yield _event({"type": "transcript.text.done", "text": transcript.text})
     finally:
+        waiting.cancel()
         if not answered:
             # Also when the server cancelled this generator because the caller hung up.
             with anyio.CancelScope(shield=True):

@@ -99,15 +99,9 @@ async def create_transcription(
     )
     if accepted.job is None:
         response.headers["Idempotent-Replayed"] = "true"
-        return await run_in_threadpool(_load, services, code, accepted.job_id)
+        return await run_in_threadpool(_read, services, code, accepted.job_id)
     response.headers["Location"] = f"/v1/transcriptions/{accepted.job_id}"
     return TranscriptionOut.build(accepted.job)
-
-
-def _load(services: Services, code: CreditCode, job_id: str) -> TranscriptionOut:
-    with services.db.transaction() as session:
-        job, transcript = find_job(session, code, job_id)
-        return TranscriptionOut.build(job, transcript, with_text=True)
 
 
 @router.get("", response_model=ListResponse[TranscriptionOut], responses=ERRORS)

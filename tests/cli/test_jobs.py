@@ -9,7 +9,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,14 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.fixtures.gateway import eventually
-from tests.fixtures.server import WHISPERCTL, Server, clean_env, free_port, running_server
+from tests.fixtures.server import (
+    WHISPERCTL,
+    Server,
+    clean_env,
+    free_port,
+    running_server,
+    stalled_server,
+)
 from whisperctl import app, jobs
 
 DATA = Path(__file__).parents[1] / "data"
@@ -81,25 +87,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def stalled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server whose jobs never finish: its OpenAI engine talks to a port that accepts
-    connections and never answers, and it runs one job at a time, so the next one stays
-    queued. Closing the port at the end fails the stuck job, so the server stops at once."""
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(16)
-    env = {
-        "WHISPER_ENGINE": "openai",
-        "OPENAI_API_KEY": "test-key",
-        "WHISPER_OPENAI_BASE_URL": f"http://127.0.0.1:{hole.getsockname()[1]}/v1",
-        "WHISPER_OPENAI_MAX_RETRIES": "0",
-        "WHISPER_CONCURRENCY": "1",
-    }
-    try:
-        with running_server(tmp_path_factory.mktemp("stalled") / "data", env=env) as server:
-            yield server
-            hole.close()
-    finally:
-        hole.close()
+    with stalled_server(tmp_path_factory.mktemp("stalled") / "data") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +292,34 @@ def test_ctrl_c_while_waiting_leaves_the_job_running(stalled: Server, mp3_5s: Pa
     assert process.returncode == 130, err
     assert f"interrupted: stopped waiting; job {job_id} carries on in the service." in err
     assert whisperctl("jobs", "cancel", job_id, server=stalled, code=code).returncode == 0
+
+
+def test_jobs_show_wait_follows_the_job_across_a_server_restart(
+    stalled: Server, mp3_5s: Path
+) -> None:
+    """The event stream breaks when the server dies; the command opens it again once the server
+    is back and ends with the job's final state."""
+    code = stalled.create_code(seconds=100, max_uses=3)
+    job_id = upload(stalled, code, mp3_5s)
+    followed = f'"GET /v1/transcriptions/{job_id}/events HTTP'
+    process = subprocess.Popen(
+        [WHISPERCTL, "jobs", "show", job_id, "--wait", "--json", "--url", stalled.base_url],
+        env=clean_env({"WHISPER_CODE": code}),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    eventually(lambda: followed in stalled.log(), what="jobs show following")
+    stalled.kill()
+    stalled.start()
+    eventually(lambda: stalled.log().count(followed) >= 2, what="jobs show following again")
+    assert process.poll() is None, process.communicate()
+    api(stalled, code, "DELETE", f"/v1/transcriptions/{job_id}")
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert json.loads(out)["status"] == "cancelled"
+    assert "Traceback" not in err
 
 
 def test_ctrl_c_with_cancel_on_interrupt_cancels_and_says_what_it_cost(

@@ -462,8 +462,10 @@ def test_the_sdk_reads_timed_words_and_segments_and_streams_the_same_text(
 
 
 def test_a_streamed_job_past_the_wait_is_an_error_event_and_hanging_up_cancels(
-    start_gateway: StartGateway,
+    start_gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Keep-alive comments while the job runs; the SDK skips them.
+    monkeypatch.setattr("gateway.routers.openai_compat.KEEPALIVE_SECONDS", 0.1)
     engine = BlockingEngine()
     gateway = start_gateway(engine=engine, sync_wait_seconds=1)
     code = gateway.issue(max_uses=2)

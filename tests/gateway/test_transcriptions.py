@@ -431,6 +431,20 @@ def test_mode_language_and_prompt_reach_the_engine_and_are_shown_on_the_job(
     assert calls == [("accurate", "en", "Trains, rain and coffee."), ("fast", None, None)]
 
 
+def test_word_timing_can_be_declined_per_job(make_client: MakeClient, mp3_5s: Path) -> None:
+    engine = FixedEngine()
+    client = make_client(engine=engine)
+    issued = issue_code(client, max_uses=2)
+    refused = submit(client, issued.code, mp3_5s, data={"word_timestamps": "sometimes"})
+    assert (refused.status_code, refused.json()["error"]["param"]) == (400, "word_timestamps")
+    declined = submit(client, issued.code, mp3_5s, data={"word_timestamps": "false"}).json()
+    default = submit(client, issued.code, mp3_5s).json()
+    assert (declined["word_timestamps"], default["word_timestamps"]) == (False, True)
+    wait_for_job(client, issued.code, declined["id"])
+    wait_for_job(client, issued.code, default["id"])
+    assert [c["word_timestamps"] for c in engine.calls] == [False, True]
+
+
 @pytest.fixture(params=["sqlite-exclusive", "postgresql-leases"])
 def restart(request: pytest.FixtureRequest) -> dict[str, Any]:
     """How a restarted app finds the jobs its predecessor left running: alone on its SQLite

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fixtures.server import Server, running_server
+from tests.fixtures.server import Server, running_server, stalled_server
 from tests.speech import repeated_speech
 from transcription.blobstore import open_blob_store
 from transcription.lifecycle import Lifecycle
@@ -62,24 +61,8 @@ def events(response: httpx.Response) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def stalled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server whose jobs never finish by themselves: its OpenAI engine talks to a port that
-    accepts connections and never answers, and it runs one job at a time."""
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    hole.listen(16)
-    env = {
-        "WHISPER_ENGINE": "openai",
-        "OPENAI_API_KEY": "test-key",
-        "WHISPER_OPENAI_BASE_URL": f"http://127.0.0.1:{hole.getsockname()[1]}/v1",
-        "WHISPER_OPENAI_MAX_RETRIES": "0",
-        "WHISPER_CONCURRENCY": "1",
-    }
-    try:
-        with running_server(tmp_path_factory.mktemp("waiting") / "data", env=env) as server:
-            yield server
-            hole.close()  # fails the stuck job, so the server stops at once
-    finally:
-        hole.close()
+    with stalled_server(tmp_path_factory.mktemp("waiting") / "data") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -134,26 +117,21 @@ def test_another_codes_job_answers_like_an_unknown_id(
     stalled: Server, code: str, queued: str
 ) -> None:
     other = stalled.create_code()
+    unknown = "tr_0000000000000000"
     for tail, params in (("", {"wait": "5"}), ("/events", {})):
-        mine = httpx.get(
-            f"{stalled.base_url}/v1/transcriptions/{queued}{tail}",
-            params=params,
-            headers=auth(other),
-            timeout=10,
-        )
-        unknown = httpx.get(
-            f"{stalled.base_url}/v1/transcriptions/tr_0000000000000000{tail}",
-            params=params,
-            headers=auth(other),
-            timeout=10,
-        )
-        assert mine.status_code == unknown.status_code == 404, mine.text
-        assert mine.json()["error"] | {"message": ""} == unknown.json()["error"] | {"message": ""}
-        assert mine.json()["error"]["message"].replace(queued, "?") == unknown.json()["error"][
-            "message"
-        ].replace("tr_0000000000000000", "?")
-    missing = httpx.get(f"{stalled.base_url}/v1/transcriptions/{queued}/events", timeout=10)
-    assert missing.status_code == 401
+        answers = [
+            httpx.get(
+                f"{stalled.base_url}/v1/transcriptions/{job_id}{tail}",
+                params=params,
+                headers=auth(other),
+                timeout=10,
+            )
+            for job_id in (queued, unknown)
+        ]
+        assert [a.status_code for a in answers] == [404, 404], answers[0].text
+        assert answers[0].text.replace(queued, unknown) == answers[1].text
+    anonymous = httpx.get(f"{stalled.base_url}/v1/transcriptions/{queued}/events", timeout=10)
+    assert anonymous.status_code == 401
 
 
 def test_fifty_waiters_hold_no_threads(stalled: Server, code: str, queued: str) -> None:

@@ -51,8 +51,9 @@ from kubernetes.client.exceptions import ApiException
 from sqlalchemy import Connection, event, text
 from sqlalchemy.exc import DBAPIError
 
-from gateway.routers.transcriptions import delete_transcription, get_transcription
+from gateway.routers.transcriptions import delete_transcription, find_job
 from gateway.runners.kubernetes import KubernetesJobRunner
+from gateway.schemas import TranscriptionOut
 from gateway.services import Services
 from gateway.submission import withdraw_job
 from tests.operator.simcluster import FINALIZER, FakeKube, clone
@@ -614,7 +615,9 @@ class Schedule:
 
     def read_as_api(self, job_id: str) -> None:
         with self.env.gateway_db.read() as session:
-            out = get_transcription(session, self.job_code[job_id], job_id)
+            # What GET /v1/transcriptions/{id} answers.
+            job, transcript = find_job(session, self.job_code[job_id], job_id)
+            out = TranscriptionOut.build(job, transcript, with_text=True)
         self.note(f"GET {self.name(job_id)} -> {out.status}")
         if out.status != JobStatus.SUCCEEDED:
             if out.text is not None or out.transcript is not None:

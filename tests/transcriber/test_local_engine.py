@@ -9,11 +9,18 @@ import threading
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 
 from tests.wer import wer
 from transcriber.engines.base import Engine, Mode
-from transcriber.engines.local import LocalEngine, ModelUnavailable, resolve_model
+from transcriber.engines.local import (
+    LocalEngine,
+    ModelUnavailable,
+    _samples,
+    _temperatures,
+    resolve_model,
+)
 from transcription.errors import TranscriptionFailed, UndecodableAudio
 from transcription.transcript import TranscriptResult, text_of, to_srt
 
@@ -154,6 +161,12 @@ def test_without_word_timestamps_fast_cues_are_timed_by_sentence_length(
     assert [s.start for s in result.segments] == sorted(s.start for s in result.segments)
 
 
+def test_a_temperature_starts_openai_whispers_fallback_schedule() -> None:
+    assert _temperatures(0.3) == (0.3, 0.5, 0.7, 0.9)
+    assert _temperatures(0.2) == (0.2, 0.4, 0.6, 0.8, 1.0)
+    assert _temperatures(1.0) == (1.0,)
+
+
 def test_concurrent_first_jobs_share_one_load() -> None:
     fresh = LocalEngine()
     threads = [threading.Thread(target=fresh.load) for _ in range(4)]
@@ -216,3 +229,31 @@ def test_undecodable_audio_is_the_audio_s_fault(
 def test_unknown_mode_is_rejected(engine: LocalEngine) -> None:
     with pytest.raises(ValueError, match="Unknown transcription mode"):
         engine.transcribe(SPEECH, mode="turbo")  # type: ignore[arg-type]
+
+
+def test_audio_is_decoded_exactly_as_faster_whisper_decodes_it(tmp_path: Path) -> None:
+    """The engine's own decoding (which skips faster-whisper's GIL-holding ``gc.collect()``)
+    gives the model the very samples faster-whisper would: a mono file and a 44.1 kHz stereo
+    one long enough to be resampled in several blocks."""
+    from faster_whisper.audio import decode_audio
+
+    stereo = tmp_path / "stereo.mp3"
+    rate, seconds = 44_100, 40
+    t = np.arange(rate * seconds) / rate
+    tones = (np.stack([np.sin(2 * np.pi * 440 * t), np.sin(2 * np.pi * 660 * t)]) * 8000).astype(
+        np.int16
+    )
+    with av.open(str(stereo), "w") as out:
+        stream = out.add_stream("mp3", rate=rate, layout="stereo")
+        for start in range(0, tones.shape[1], 1152):
+            block = tones[:, start : start + 1152]
+            frame = av.AudioFrame.from_ndarray(
+                block.T.reshape(1, -1), format="s16", layout="stereo"
+            )
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    for audio in (SPEECH, stereo):
+        assert np.array_equal(_samples(audio), decode_audio(str(audio))), audio

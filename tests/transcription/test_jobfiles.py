@@ -74,7 +74,17 @@ def test_a_run_request_travels_in_the_environment(db: Database) -> None:
     code_id = issue(db, 100).record.id
     new = new_job(code_id, 12.5)
     with db.transaction() as session:
-        job = submit(session, replace(new, language="de", prompt="Grüße, Ärzte", mode="accurate"))
+        job = submit(
+            session,
+            replace(
+                new,
+                language="de",
+                prompt="Grüße, Ärzte",
+                mode="accurate",
+                temperature=0.2,
+                word_timestamps=False,
+            ),
+        )
     request = RunRequest.of(job)
     assert request == RunRequest(
         job_id=job.id,
@@ -83,6 +93,8 @@ def test_a_run_request_travels_in_the_environment(db: Database) -> None:
         mode=Mode.ACCURATE,
         language="de",
         prompt="Grüße, Ärzte",
+        temperature=0.2,
+        word_timestamps=False,
     )
     env = request.env()
     assert env == {
@@ -92,6 +104,8 @@ def test_a_run_request_travels_in_the_environment(db: Database) -> None:
         "WHISPER_JOB_MODE": "accurate",
         "WHISPER_JOB_LANGUAGE": "de",
         "WHISPER_JOB_PROMPT": "Grüße, Ärzte",
+        "WHISPER_JOB_TEMPERATURE": "0.2",
+        "WHISPER_JOB_WORD_TIMESTAMPS": "False",
     }
     assert RunRequest.from_env({**env, "UNRELATED": "x"}) == request
 
@@ -104,8 +118,13 @@ def test_unset_request_fields_stay_out_of_the_environment() -> None:
         "WHISPER_JOB_AUDIO_KEY",
         "WHISPER_JOB_AUDIO_SECONDS",
         "WHISPER_JOB_MODE",
+        "WHISPER_JOB_WORD_TIMESTAMPS",
     }
     assert RunRequest.from_env(env) == request
+    # A transcriber image older than word_timestamps ignores the variable; a newer one reading
+    # an older Job's environment times words.
+    del env["WHISPER_JOB_WORD_TIMESTAMPS"]
+    assert RunRequest.from_env(env).word_timestamps is True
     assert RunRequest.from_env(env).mode is Mode.FAST
 
 

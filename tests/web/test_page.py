@@ -114,6 +114,10 @@ def test_upload_shows_byte_progress_then_the_transcript(
     )
     assert page.text("job-id") == job["id"]
     assert page.text("job-status") == f"Done: {job['charged_seconds']} s charged."
+    # The page followed the job through one event stream, not by asking for it again and again.
+    log = web_server.log()
+    assert log.count(f'"GET /v1/transcriptions/{job["id"]}/events HTTP') == 1
+    assert log.count(f'"GET /v1/transcriptions/{job["id"]} HTTP') == 0
     page.wait("the credit spent", lambda: "1 of 1 use spent" in page.text("credit"))
     page.wait(
         "the job listed as succeeded",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import av
+import numpy as np
 
 from transcriber.engines.base import Checkpoints, ProgressCallback
 from transcription import metrics
@@ -214,7 +215,8 @@ class LocalEngine:
         else:
             run = whisper.transcribe
         try:
-            pieces, info = run(str(audio), language=language, initial_prompt=prompt, **decode)
+            samples = _samples(audio)
+            pieces, info = run(samples, language=language, initial_prompt=prompt, **decode)
         except Exception as exc:
             raise _failure(audio, exc) from exc
         report = tracker.report if tracker is not None else on_progress
@@ -321,16 +323,18 @@ def _segments(piece: Any, batched: bool, first_id: int) -> list[Segment]:
     """Our segments for one of faster-whisper's: a batched one is a whole VAD chunk (up to
     30 s), so it is cut into cues timed by its first and last words, or without words by the
     length of its sentences."""
-    words = [
-        Word(w.word, float(w.start), float(w.end), float(w.probability)) for w in piece.words or ()
-    ]
+    words = (
+        None
+        if piece.words is None
+        else [Word(w.word, float(w.start), float(w.end), float(w.probability)) for w in piece.words]
+    )
     figures = {
         "temperature": piece.temperature,
         "avg_logprob": piece.avg_logprob,
         "compression_ratio": piece.compression_ratio,
         "no_speech_prob": piece.no_speech_prob,
     }
-    if batched and piece.words is None:
+    if batched and words is None:
         return [
             Segment(first_id + i, start, end, text, **figures)
             for i, (start, end, text) in enumerate(_timed_sentences(piece))
@@ -338,7 +342,12 @@ def _segments(piece: Any, batched: bool, first_id: int) -> list[Segment]:
     if not batched or not words:
         return [
             Segment(
-                first_id, piece.start, piece.end, piece.text.strip(), **figures, words=tuple(words)
+                first_id,
+                piece.start,
+                piece.end,
+                piece.text.strip(),
+                **figures,
+                words=None if words is None else tuple(words),
             )
         ]
     return [
@@ -367,7 +376,7 @@ def _timed_sentences(piece: Any) -> list[tuple[float, float, str]]:
 
 def _temperatures(first: float) -> tuple[float, ...]:
     """The fallback schedule openai-whisper's CLI uses for ``--temperature first``."""
-    steps = round((1.0 - first) / _TEMPERATURE_STEP)
+    steps = int((1.0 - first) / _TEMPERATURE_STEP + 1e-6)
     return tuple(round(first + i * _TEMPERATURE_STEP, 2) for i in range(steps + 1))
 
 
@@ -377,6 +386,44 @@ def _guarded(pieces: Iterable[_T], audio: Path) -> Iterator[_T]:
         yield from pieces
     except Exception as exc:
         raise _failure(audio, exc) from exc
+
+
+#: Whisper's input: 16 kHz mono.
+SAMPLE_RATE = 16_000
+#: Samples buffered before each resampling step, as faster-whisper's ``decode_audio`` does.
+_RESAMPLE_BLOCK = 500_000
+
+
+def _samples(audio: Path) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The audio as Whisper takes it, decoded exactly as faster-whisper's ``decode_audio`` does
+    but without its ``gc.collect()``: in a server process a full collection holds the GIL for
+    tens of milliseconds, and every request waits that long (the automatic collector still frees
+    what the resampler leaves behind)."""
+    resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+    fifo = av.AudioFifo()
+    blocks: list[np.ndarray[Any, Any]] = []
+
+    def resample(frame: av.AudioFrame | None) -> None:
+        blocks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+
+    with av.open(str(audio), metadata_errors="ignore") as container:
+        frames = container.decode(audio=0)
+        while True:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except av.error.InvalidDataError:
+                continue  # a damaged frame is skipped, as faster-whisper does
+            frame.pts = None
+            fifo.write(frame)
+            if fifo.samples >= _RESAMPLE_BLOCK:
+                resample(fifo.read())
+    if fifo.samples:
+        resample(fifo.read())
+    resample(None)
+    pcm = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int16)
+    return pcm.astype(np.float32) / 32768.0
 
 
 def _failure(audio: Path, exc: Exception) -> TranscriptionFailed | UndecodableAudio:
