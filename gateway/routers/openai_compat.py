@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from gateway.deps import CodeDep, ServicesDep
 from gateway.errors import error_body, openai_dialect, status_for
+from gateway.jobwatch import watch
 from gateway.routers.transcriptions import KEEPALIVE_SECONDS, find_job
 from gateway.schemas import ErrorResponse
 from gateway.services import Services
@@ -69,7 +70,6 @@ UNSUPPORTED = {
     "known_speaker_references[]": "speaker diarization is not available.",
 }
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, the access log does
-_POLL_FIRST, _POLL_MAX = 0.05, 1.0
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 408, 409, 413, 422, 429, 502, 503)
@@ -199,29 +199,36 @@ async def create_transcription(
     return await run_in_threadpool(_render, services, job, transcript, accepted.form)
 
 
+@dataclass(frozen=True)
+class _Found:
+    job: Job
+    transcript: Transcript | None
+
+    @property
+    def status(self) -> str:
+        return self.job.status
+
+
 async def _wait(
     request: Request, services: Services, job_id: str
 ) -> tuple[Job, Transcript | None] | None:
-    """Poll the job until it finishes; None if the caller hung up first."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + services.settings.sync_wait_seconds
-    delay = _POLL_FIRST
-    while True:
-        job, transcript = await run_in_threadpool(_fetch, services, job_id)
-        if JobStatus(job.status).finished:
-            return job, transcript
+    """The job once it has finished, woken by this process's changes and re-read for others'
+    (gateway.jobwatch); None if the caller hung up first."""
+    seconds = services.settings.sync_wait_seconds
+    status = JobStatus.QUEUED.value
+    async for found in watch(
+        services.notifier, job_id, lambda: _fetch(services, job_id), seconds=seconds
+    ):
+        if JobStatus(found.status).finished:
+            return found.job, found.transcript
         if await request.is_disconnected():
             return None
-        left = deadline - loop.time()
-        if left <= 0:
-            raise TranscriptionPending(
-                f"The transcription {job_id} is still {job.status} after "
-                f"{services.settings.sync_wait_seconds:g} s; it goes on: poll "
-                f"GET /v1/transcriptions/{job_id} for its result.",
-                job_id=job_id,
-            )
-        await asyncio.sleep(min(delay, left))
-        delay = min(delay * 2, _POLL_MAX)
+        status = found.status
+    raise TranscriptionPending(
+        f"The transcription {job_id} is still {status} after {seconds:g} s; it goes on: poll "
+        f"GET /v1/transcriptions/{job_id} for its result.",
+        job_id=job_id,
+    )
 
 
 async def _stream(request: Request, services: Services, job_id: str) -> AsyncIterator[str]:
@@ -270,9 +277,9 @@ def _error(exc: DomainError) -> dict[str, Any]:
     return error_body(exc.message, type_, exc.code, exc.param, **exc.details())
 
 
-def _fetch(services: Services, job_id: str) -> tuple[Job, Transcript | None]:
-    with services.db.transaction() as session:
-        return find_job(session, None, job_id)
+def _fetch(services: Services, job_id: str) -> _Found:
+    with services.db.read() as session:
+        return _Found(*find_job(session, None, job_id))
 
 
 def _outcome_error(job: Job) -> DomainError:
