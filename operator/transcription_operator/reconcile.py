@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 #: The longest wait between retries of a job (or a whole pass) that keeps failing.
 MAX_BACKOFF = 300.0
+#: How long a TranscriptionJob the operator has not accepted yet (its create handler has not
+#: run) holds back later submissions, so admission stays first come, first served; one that
+#: stays unaccepted longer stops holding the queue up.
+ACCEPT_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -385,11 +389,17 @@ def queue_key(tj: dict[str, Any]) -> tuple[datetime, str]:
 
 
 def select(
-    tjs: list[dict[str, Any]], jobs: list[dict[str, Any]], settings: Any
+    tjs: list[dict[str, Any]],
+    jobs: list[dict[str, Any]],
+    settings: Any,
+    now: datetime | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Which queued TranscriptionJobs to admit now, in order; which already have a Job
     (created before a restart cut the status write short) and only need their status fixed;
-    and every one waiting for a slot, those admitted now included."""
+    and every one waiting for a slot, those admitted now included.
+
+    kopf accepts new TranscriptionJobs concurrently, so a later submission can be Queued before
+    an earlier one: none is admitted past an earlier one still unaccepted (for a short grace)."""
     children = {(j["metadata"]["namespace"], j["metadata"]["name"]) for j in jobs}
     queued = [
         tj
@@ -406,6 +416,17 @@ def select(
     busy = sum(1 for j in jobs if not job_state(j).phase.finished)
     cap = settings.max_running_jobs
     free = len(waiting) if cap == 0 else max(cap - busy, 0)
+    grace_start = (now or datetime.now(UTC)).timestamp() - ACCEPT_GRACE_SECONDS
+    unaccepted = [
+        queue_key(tj)
+        for tj in tjs
+        if not (tj.get("status") or {}).get("phase")
+        and not tj["metadata"].get("deletionTimestamp")
+        and queue_key(tj)[0].timestamp() > grace_start
+    ]
+    if unaccepted:
+        first = min(unaccepted)
+        free = min(free, sum(1 for tj in waiting if queue_key(tj) < first))
     return waiting[:free], has_job, waiting
 
 
