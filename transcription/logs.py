@@ -191,4 +191,7 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # Off first: a second call would otherwise keep a warnings hook that something (pytest's
+    # per-test warning capture, say) has replaced since the first.
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
