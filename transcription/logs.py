@@ -191,6 +191,9 @@ def configure_logging(
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+        # And at the root's level, whatever level an earlier uvicorn.Config left them at.
+        logger.setLevel(logging.NOTSET)
+        logger.disabled = False
     # Off first: a second call would otherwise keep a warnings hook that something (pytest's
     # per-test warning capture, say) has replaced since the first.
     logging.captureWarnings(False)
