@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from tests.fixtures.audio import make_mp3, make_random_bytes
 from tests.fixtures.gateway import (
     ADMIN,
     MakeClient,
@@ -117,17 +116,6 @@ def test_unusable_audio_is_rejected_and_the_code_stays_unspent(
     assert error["param"] == "file"
     # The single-use code and the Idempotency-Key are both still good for a real upload.
     assert submit(client, issued.code, mp3_5s, headers=KEY).status_code == 202
-
-
-@pytest.fixture
-def damaged_mp3(tmp_path: Path) -> Path:
-    """Two seconds of real MP3 followed by noise, as a corrupted copy would be."""
-    good, noise = tmp_path / "good.mp3", tmp_path / "noise.bin"
-    make_mp3(good, 2)
-    make_random_bytes(noise, 60_000, seed=1)
-    path = tmp_path / "damaged.mp3"
-    path.write_bytes(good.read_bytes() + noise.read_bytes())
-    return path
 
 
 def test_a_truncated_mp3_is_accepted_and_charged_what_decodes(

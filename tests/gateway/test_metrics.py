@@ -20,7 +20,6 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from tests.fixtures.audio import make_mp3, make_random_bytes
 from tests.fixtures.fault_proxy import FaultProxy
 from tests.fixtures.gateway import ADMIN, MakeClient, eventually
 from tests.fixtures.server import WHISPERCTL, Server, clean_env, free_port, running_server
@@ -107,17 +106,6 @@ def metered_server(data_dir: Path, **env: str) -> Iterator[tuple[Server, int]]:
     port = free_port()
     with running_server(data_dir, env={"WHISPER_METRICS_PORT": str(port), **env}) as server:
         yield server, port
-
-
-@pytest.fixture
-def damaged_mp3(tmp_path: Path) -> Path:
-    """Two seconds of MP3 and then noise: refused at submission as undecodable."""
-    good, noise = tmp_path / "good.mp3", tmp_path / "noise.bin"
-    make_mp3(good, 2)
-    make_random_bytes(noise, 60_000, seed=1)
-    path = tmp_path / "damaged.mp3"
-    path.write_bytes(good.read_bytes() + noise.read_bytes())
-    return path
 
 
 def test_a_served_job_moves_the_metrics_from_upload_to_charge(
